@@ -1,0 +1,129 @@
+"""Configs are dataclasses; YAML files and `key=value` overrides fill them, with strict key checking."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(cls: type, key: str) -> ConfigError:
+    valid = sorted(_fields(cls))
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {cls.__name__} key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+
+
+def _coerce(cls: type, key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a command-line string) to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(cls, key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{cls.__name__}.{key}: cannot use {value!r} as {tp}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{cls.__name__}.{key}: {value!r} is not one of {list(args)}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{cls.__name__}.{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{cls.__name__}.{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            if tp is int and isinstance(value, str):
+                return int(float(value)) if float(value).is_integer() else int(value)
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cls.__name__}.{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{cls.__name__}.{key}: expected a string, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls.__name__}.{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return origin(_coerce(cls, key, v, inner) for v in value)
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{cls.__name__}.{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def build_config(cls: type[C], values: dict[str, Any]) -> C:
+    """`cls(**values)` with unknown keys rejected (closest match suggested) and values type-checked."""
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            raise _unknown_key(cls, k)
+        kwargs[k] = _coerce(cls, k, v, hints[k])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "packing=true"]` -> {"lr": "1e-4", "packing": "true"} (typed later by the dataclass)."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"override {it!r} is not of the form key=value")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read a YAML file (optional), apply `key=value` overrides, build and validate the dataclass."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        values.update(data)
+    values.update(parse_overrides(overrides or []))
+    return build_config(cls, values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

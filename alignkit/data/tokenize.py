@@ -1,0 +1,301 @@
+"""Conversation -> input_ids + labels, rendered once and tokenized once, exactly as inference sees it.
+
+The chat format renders the whole conversation to text plus labelled character spans; the tokenizer
+encodes that text in one call (never piecewise concatenation, which breaks merges at turn boundaries);
+token offsets map the trainable character spans onto tokens. A token is trained on when its characters
+overlap a trainable span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alignkit.data.rows import RowError, Sample, normalize_row
+from alignkit.templates import ChatFormat, Rendered, TemplateError, detect, get_format
+
+IGNORE_INDEX = -100
+TRAIN_ON = ("assistant", "last", "completion", "all")
+TRUNCATION = ("right", "left", "error")
+
+
+def resolve_format(tokenizer: Any, chat_format: str | ChatFormat | None) -> ChatFormat:
+    """A format by name, or detected from the tokenizer's own template (generic path when none matches)."""
+    if chat_format is not None:
+        return get_format(chat_format)
+    fmt = detect(tokenizer)
+    if fmt is not None:
+        return fmt
+    from alignkit.templates.detection import GenericFormat
+
+    return GenericFormat(tokenizer)
+
+
+def tokenizer_switches(tokenizer: Any, fmt: ChatFormat, switches: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """bos/eos as the official template would see them (the tokenizer's own), then explicit overrides."""
+    sw: dict[str, Any] = {}
+    for key in ("bos_token", "eos_token"):
+        if key in fmt.switches and getattr(tokenizer, key, None) is not None:
+            sw[key] = getattr(tokenizer, key)
+    sw.update(switches or {})
+    return sw
+
+
+def _trainable_char_mask(r: Rendered, messages: Sequence[Mapping], train_on: str, completion_start: int | None):
+    n = len(r.text)
+    mask = np.zeros(n + 1, dtype=np.int32)
+    if train_on == "all":
+        mask[:n] = 1
+    else:
+        spans = r.trainable_spans()
+        if train_on == "last":
+            last = max((s.message_index for s in spans), default=None)
+            spans = [s for s in spans if s.message_index == last]
+        elif train_on == "completion":
+            if completion_start is None:
+                raise ValueError("train_on='completion' needs prompt/completion rows")
+            spans = [s for s in spans if s.message_index is not None and s.message_index >= completion_start]
+        for s in spans:
+            mask[s.start : s.end] = 1
+    # cum[i] = trainable characters before i; a token [a, b) overlaps iff cum[b] - cum[a] > 0
+    return np.concatenate([[0], np.cumsum(mask[:n])])
+
+
+def _labels_from_offsets(input_ids: list[int], offsets: list[tuple[int, int]], cum: np.ndarray) -> list[int]:
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    a = off[:, 0]
+    b = np.maximum(off[:, 1], a + 1)  # zero-width tokens count by the character they sit on
+    b = np.minimum(b, len(cum) - 1)
+    a = np.minimum(a, b)
+    trained = (cum[b] - cum[a]) > 0
+    ids = np.asarray(input_ids, dtype=np.int64)
+    return np.where(trained, ids, IGNORE_INDEX).tolist()
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "num_trained_tokens": self.num_trained_tokens}
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int | None, truncation: str, index: int | None):
+    if max_length is None or len(ids) <= max_length:
+        return ids, labels, False
+    if truncation == "right":
+        return ids[:max_length], labels[:max_length], True
+    if truncation == "left":
+        return ids[-max_length:], labels[-max_length:], True
+    where = f"row {index}: " if index is not None else ""
+    raise ValueError(f"{where}{len(ids)} tokens > max_length={max_length} and truncation='error'")
+
+
+def _render_sample(sample: Sample, fmt: ChatFormat, sw: dict[str, Any], add_generation_prompt: bool) -> Rendered:
+    if sample.tools is not None and "tools" in fmt.switches:
+        sw = {**sw, "tools": sample.tools}
+    return fmt.render(sample.messages, add_generation_prompt=add_generation_prompt, **sw)
+
+
+def _plain_text(sample: Sample, tokenizer: Any, train_on: str) -> tuple[str, np.ndarray]:
+    """Plain rows: `text` (all trained) or plain `prompt` + `completion` (+ eos, completion trained)."""
+    eos = tokenizer.eos_token or ""
+    if sample.prompt is None:
+        text = sample.text + eos
+        n_prompt = 0
+    else:
+        text = sample.prompt + sample.text + eos
+        n_prompt = 0 if train_on == "all" else len(sample.prompt)
+    mask = np.zeros(len(text) + 1, dtype=np.int32)
+    mask[n_prompt : len(text)] = 1
+    return text, np.concatenate([[0], np.cumsum(mask[: len(text)])])
+
+
+def encode_samples(
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    *,
+    chat_format: ChatFormat,
+    switches: Mapping[str, Any],
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    truncation: str = "right",
+    add_generation_prompt: bool = False,
+    indices: Sequence[int] | None = None,
+) -> list[Encoded]:
+    """Render each sample, tokenize all texts in ONE batched tokenizer call, map spans to labels."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+    texts, cums = [], []
+    for k, s in enumerate(samples):
+        idx = indices[k] if indices is not None else None
+        if s.messages is None:
+            text, cum = _plain_text(s, tokenizer, train_on)
+        else:
+            try:
+                r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
+            except TemplateError as e:
+                raise RowError(idx, "messages", f"a conversation chat format {chat_format.name!r} accepts ({e})") from e
+            text, cum = r.text, _trainable_char_mask(r, s.messages, train_on, s.completion_start)
+        texts.append(text)
+        cums.append(cum)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for k, (ids, offs, cum) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], cums)):
+        labels = _labels_from_offsets(ids, offs, cum)
+        idx = indices[k] if indices is not None else None
+        ids, labels, cut = _truncate(list(ids), labels, max_length, truncation, idx)
+        out.append(Encoded(ids, labels, cut))
+    return out
+
+
+def tokenize_conversation(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    *,
+    chat_format: str | ChatFormat | None = None,
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    truncation: str = "right",
+    add_generation_prompt: bool = False,
+    switches: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tokenize one conversation (a list of messages, or any accepted row dict).
+
+    Returns {"input_ids": list[int], "labels": list[int] (-100 where not trained), "num_trained_tokens": int,
+    "truncated": bool}. `train_on`: "assistant" (every assistant turn), "last" (last assistant turn),
+    "completion" (completion messages of prompt/completion rows), "all".
+    """
+    row = messages if isinstance(messages, Mapping) else {"messages": messages}
+    sample = normalize_row(row)
+    fmt = resolve_format(tokenizer, chat_format)
+    (e,) = encode_samples(
+        tokenizer,
+        [sample],
+        chat_format=fmt,
+        switches=tokenizer_switches(tokenizer, fmt, switches),
+        train_on=train_on,
+        max_length=max_length,
+        truncation=truncation,
+        add_generation_prompt=add_generation_prompt,
+    )
+    return {**e.as_dict(), "truncated": e.truncated}
+
+
+@dataclass
+class TokenizeReport:
+    rows: int = 0
+    truncated: int = 0
+    dropped_no_trainable: int = 0
+    dropped_indices: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rows} rows tokenized, {self.truncated} truncated, "
+            f"{self.dropped_no_trainable} dropped with zero trainable tokens"
+            + (f" (first: {self.dropped_indices[:10]})" if self.dropped_indices else "")
+        )
+
+
+def tokenize_rows(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    chat_format: str | ChatFormat | None = None,
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    truncation: str = "right",
+    switches: Mapping[str, Any] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    start_index: int = 0,
+) -> tuple[list[dict[str, Any]], TokenizeReport]:
+    """Tokenize many rows; rows left with no trainable token are dropped and counted, never trained on."""
+    fmt = resolve_format(tokenizer, chat_format)
+    sw = tokenizer_switches(tokenizer, fmt, switches)
+    report = TokenizeReport()
+    out: list[dict[str, Any]] = []
+    starts = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="tokenize", unit="batch")
+    for b in starts:
+        chunk = rows[b : b + batch_size]
+        idx = list(range(start_index + b, start_index + b + len(chunk)))
+        samples = [normalize_row(r, i) for r, i in zip(chunk, idx)]
+        encs = encode_samples(
+            tokenizer,
+            samples,
+            chat_format=fmt,
+            switches=sw,
+            train_on=train_on,
+            max_length=max_length,
+            truncation=truncation,
+            indices=idx,
+        )
+        for i, e in zip(idx, encs):
+            report.rows += 1
+            report.truncated += e.truncated
+            if e.num_trained_tokens == 0:
+                report.dropped_no_trainable += 1
+                report.dropped_indices.append(i)
+                continue
+            out.append(e.as_dict())
+    return out, report
+
+
+def tokenize_batch_fn(tokenizer: Any, **kwargs: Any) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """A function for `datasets.Dataset.map(fn, batched=True, with_indices=True, remove_columns=...)`.
+
+    Rows with zero trainable tokens come out with `num_trained_tokens == 0`; filter them and count them
+    (`tokenize_dataset` does both).
+    """
+    fmt = resolve_format(tokenizer, kwargs.pop("chat_format", None))
+    sw = tokenizer_switches(tokenizer, fmt, kwargs.pop("switches", None))
+
+    def fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        keys = list(batch)
+        rows = [{k: batch[k][j] for k in keys} for j in range(len(indices))]
+        samples = [normalize_row(r, i) for r, i in zip(rows, indices)]
+        encs = encode_samples(tokenizer, samples, chat_format=fmt, switches=sw, indices=indices, **kwargs)
+        return {
+            "input_ids": [e.input_ids for e in encs],
+            "labels": [e.labels for e in encs],
+            "num_trained_tokens": [e.num_trained_tokens for e in encs],
+            "truncated": [e.truncated for e in encs],
+        }
+
+    return fn
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, *, num_proc: int | None = None, **kwargs: Any):  # noqa: ANN201
+    """Tokenize a `datasets.Dataset` with `map` (batched; several processes for large sets), drop and report
+    rows with zero trainable tokens. Returns (dataset with input_ids/labels/num_trained_tokens, report)."""
+    fn = tokenize_batch_fn(tokenizer, **kwargs)
+    if num_proc is None:  # process start-up costs more than it saves below ~20k rows
+        import os
+
+        num_proc = min(os.cpu_count() or 1, 4) if len(dataset) >= 20_000 else None
+    ds = dataset.map(
+        fn, batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize"
+    )
+    report = TokenizeReport(rows=len(ds), truncated=int(sum(ds["truncated"])))
+    counts = ds["num_trained_tokens"]
+    report.dropped_indices = [i for i, n in enumerate(counts) if n == 0]
+    report.dropped_no_trainable = len(report.dropped_indices)
+    if report.dropped_indices:
+        ds = ds.filter(lambda n: n > 0, input_columns="num_trained_tokens")
+    return ds.remove_columns("truncated"), report

@@ -1,0 +1,540 @@
+"""Per-token log-probabilities and masked reductions (LOSSES.md §2).
+
+Three ways to get aligned per-token log-probs ``ℓ[B,T]`` (slot t = log p(y_t | y_<t), slot 0 always masked):
+
+* :func:`token_logps` from full logits you already have;
+* :func:`chunked_token_logps` from final hidden states and the LM-head weight, never building ``[N,V]``
+  (Design A: an autograd Function that recomputes logit tiles in backward);
+* :func:`model_token_logps`, which runs a Hugging Face causal LM's backbone and uses the chunked head on the
+  labelled positions only.
+
+Masked reductions drop masked slots with ``torch.where`` (never multiplication), so NaN/inf at masked slots
+cannot leak into values or gradients. Nothing here calls ``.item()`` or synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logp", "is_top1")
+# Rows of full logits upcast to fp32 at a time in token_logps: 1024 x 152k vocab is ~0.6 GB transient.
+_ROW_CHUNK = 1024
+# Tokens per tile in the chunked head. On CPU, 1024 x 32k fp32 tiles (128 MB) keep the matmuls efficient
+# while staying far below full logits; lower it (or set vocab_chunk) for very large vocabularies.
+DEFAULT_TOKEN_CHUNK = 1024
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 at least (bf16-rounded logit tiles bias training); fp64 stays fp64 so gradcheck works.
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Full-logits path
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RowLogps(torch.autograd.Function):
+    """``ℓ_r = z_r[y_r] − lse(z_r)`` for rows of ``logits[R,V]`` with ``z = logits/τ``, row-chunked in fp32.
+
+    Saves only ``logits`` (no copy), targets and ``lse``; backward recomputes the softmax per row chunk, so no
+    full fp32 copy of the logits ever exists. Rows with ``valid=False`` give 0 and receive exactly 0 gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, valid: Tensor, temperature: float) -> Tensor:
+        cdtype = _compute_dtype(logits.dtype)
+        rows = logits.shape[0]
+        out = torch.zeros(rows, dtype=cdtype, device=logits.device)
+        lse = torch.zeros(rows, dtype=cdtype, device=logits.device)
+        safe_t = torch.where(valid, targets, 0)
+        for s in range(0, rows, _ROW_CHUNK):
+            z = logits[s : s + _ROW_CHUNK].to(cdtype) / temperature
+            lse[s : s + _ROW_CHUNK] = torch.logsumexp(z, dim=-1)
+            zy = z.gather(1, safe_t[s : s + _ROW_CHUNK, None]).squeeze(1)
+            out[s : s + _ROW_CHUNK] = zy - lse[s : s + _ROW_CHUNK]
+        ctx.save_for_backward(logits, safe_t, valid, lse)
+        ctx.temperature = temperature
+        return torch.where(valid, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, safe_t, valid, lse = ctx.saved_tensors
+        cdtype = lse.dtype
+        g = torch.where(valid, grad_out.to(cdtype), 0.0)
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], _ROW_CHUNK):
+            sl = slice(s, s + _ROW_CHUNK)
+            z = logits[sl].to(cdtype) / ctx.temperature
+            G = z.sub_(lse[sl, None]).exp_().mul_(-g[sl, None])  # −g·p
+            G.scatter_add_(1, safe_t[sl, None], g[sl, None])  # +g·onehot
+            G.masked_fill_(~valid[sl, None], 0.0)  # NaN/inf rows of ignored slots stay out
+            grad[sl] = G.div_(ctx.temperature)
+        return grad, None, None, None
+
+
+def token_logps(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Aligned per-token log-probs from full logits.
+
+    Args:
+        logits: ``[B,T,V]`` (any float dtype), position t predicting token t+1.
+        labels: ``[B,T]`` token ids, ``ignore_index`` where not scored.
+        temperature: τ; must equal the sampling temperature for rollout ratios to be unbiased.
+
+    Returns:
+        ``(ℓ, m)``, both ``[B,T]``: ``ℓ[:,t] = log softmax(logits[:,t−1]/τ)[labels[:,t]]`` in fp32, and the bool
+        mask ``m`` (False at t=0 and at ignored labels, where ℓ is exactly 0 and gets no gradient).
+    """
+    B, T, V = logits.shape
+    # Row (b,t) of the flat logits predicts labels[b,t+1]; the last row of each sequence predicts nothing.
+    nxt = torch.cat([labels[:, 1:], labels.new_full((B, 1), ignore_index)], dim=1).reshape(-1)
+    valid = nxt != ignore_index
+    rows = _RowLogps.apply(logits.reshape(B * T, V), nxt, valid, float(temperature)).view(B, T)
+    logps = torch.cat([rows.new_zeros(B, 1), rows[:, :-1]], dim=1)
+    mask = torch.cat([valid.new_zeros(B, 1), valid.view(B, T)[:, :-1]], dim=1)
+    return logps, mask
+
+
+def entropy_from_logits(z: Tensor) -> Tensor:
+    """Entropy of ``softmax(z)`` over the last dim, in fp32: ``H = lse(z) − Σ_v p_v z_v``.
+
+    Autograd gives ``∂H/∂z_v = −p_v(z_v − E_p z)``. Vocab entries at −inf (p=0) are handled without NaN.
+    Shapes: ``z[..., V] -> H[...]``.
+    """
+    z = z.to(_compute_dtype(z.dtype))
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = torch.exp(z - lse)
+    pz = p * torch.where(p > 0, z, 0.0)
+    return lse.squeeze(-1) - pz.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked LM head (Design A)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HeadCfg:
+    temperature: float
+    logit_scale: float
+    softcap: float | None
+    token_chunk: int
+    vocab_chunk: int
+    entropy: bool
+    sq: bool
+    mean: bool
+
+
+def _tile_logits(h: Tensor, w: Tensor, b: Tensor | None, cfg: _HeadCfg) -> Tensor:
+    """``z = softcap(scale·(h Wᵀ + b)) / τ`` for one tile, in the compute dtype: ``[C,H] x [Vt,H] -> [C,Vt]``."""
+    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    if cfg.softcap is None:
+        factor = cfg.logit_scale / cfg.temperature
+        return z if factor == 1.0 else z.mul_(factor)
+    if cfg.logit_scale != 1.0:
+        z.mul_(cfg.logit_scale)
+    return z.div_(cfg.softcap).tanh_().mul_(cfg.softcap / cfg.temperature)
+
+
+def _tile_grad(
+    z: Tensor,
+    idx: Tensor,
+    hit: Tensor,
+    valid: Tensor,
+    stats: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    cfg: _HeadCfg,
+    vocab: int,
+) -> Tensor:
+    """d(Σ_k g_k·out_k)/d(raw logits) for one tile; ``z`` is the tile's transformed logits (consumed).
+
+    With p = softmax(z), q = softmax(2z):
+    ``∂ℓ/∂z = onehot − p``, ``∂H/∂z = −p(z − E_p z)``, ``∂mean_logp/∂z = 1/V − p``, ``∂lsq/∂z = 2q − 2p``.
+    """
+    gl, gh, gm, gs = (grads.get(k) for k in ("logps", "entropy", "mean_logp", "log_sum_sq_probs"))
+    coef = torch.zeros_like(stats["lse"])
+    for g, w in ((gl, 1.0), (gm, 1.0), (gs, 2.0)):
+        if g is not None:
+            coef = coef - w * g
+    G = (z - stats["lse"][:, None]).exp_()  # p
+    if gh is not None:
+        G.mul_((z - stats["ez"][:, None]).mul_(-gh[:, None]).add_(coef[:, None]))
+    else:
+        G.mul_(coef[:, None])
+    if gs is not None:
+        G.add_((2 * z - stats["lse2"][:, None]).exp_().mul_(2 * gs[:, None]))
+    if gm is not None:
+        G.add_(gm[:, None] / vocab)
+    if gl is not None:
+        G.scatter_add_(1, idx[:, None], torch.where(hit, gl, 0.0)[:, None])
+    G.masked_fill_(~valid[:, None], 0.0)
+    # Chain rule back to raw logits: z = c·tanh(s·raw/c)/τ  =>  dz/draw = s(1 − (τz/c)²)/τ.
+    if cfg.softcap is None:
+        return G.mul_(cfg.logit_scale / cfg.temperature)
+    dz = z.mul_(cfg.temperature / cfg.softcap).square_().neg_().add_(1.0).mul_(cfg.logit_scale / cfg.temperature)
+    return G.mul_(dz)
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """Online-logsumexp LM head over token x vocab tiles; see :func:`chunked_token_logps`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cfg: _HeadCfg):
+        N, V = hidden.shape[0], weight.shape[0]
+        cd = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        dev = hidden.device
+        valid = (targets >= 0) & (targets < V)
+        full = lambda v: torch.full((N,), v, dtype=cd, device=dev)
+        run_max, run_sum, zy = full(float("-inf")), full(0.0), full(0.0)
+        run_pz = full(0.0) if cfg.entropy else None  # Σ e^{z−m}·z
+        run_sq = full(0.0) if cfg.sq else None  # Σ e^{2(z−m)}
+        run_z = full(0.0) if cfg.mean else None  # Σ z
+        # Vocab-outer loop: each weight tile is upcast once; running stats are O(N) vectors.
+        for v0 in range(0, V, cfg.vocab_chunk):
+            w = weight[v0 : v0 + cfg.vocab_chunk].to(cd)
+            b = None if bias is None else bias[v0 : v0 + cfg.vocab_chunk].to(cd)
+            for s in range(0, N, cfg.token_chunk):
+                r = slice(s, s + cfg.token_chunk)
+                z = _tile_logits(hidden[r].to(cd), w, b, cfg)
+                idx = targets[r] - v0
+                hit = (idx >= 0) & (idx < w.shape[0])
+                zy[r] = torch.where(hit, z.gather(1, idx.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1), zy[r])
+                if run_z is not None:
+                    run_z[r] += z.sum(1)
+                new_max = torch.maximum(run_max[r], z.amax(1))
+                alpha = torch.exp(run_max[r] - new_max)
+                d = z.sub_(new_max[:, None])  # z − m_new, in place
+                e = d.exp()
+                e_sum = e.sum(1)
+                run_sum[r] = run_sum[r] * alpha + e_sum
+                if run_pz is not None:
+                    run_pz[r] = run_pz[r] * alpha + torch.einsum("cv,cv->c", e, d) + new_max * e_sum
+                if run_sq is not None:
+                    run_sq[r] = run_sq[r] * alpha.square() + torch.einsum("cv,cv->c", e, e)
+                run_max[r] = new_max
+                del z, d, e  # free this tile before the next one is allocated
+        lse = run_max + run_sum.log()
+        stats = {"lse": lse}
+        outs = {"logps": zy - lse, "is_top1": valid & (zy >= run_max)}
+        if run_pz is not None:
+            stats["ez"] = run_pz / run_sum
+            outs["entropy"] = lse - stats["ez"]
+        if run_sq is not None:
+            stats["lse2"] = 2 * run_max + run_sq.log()
+            outs["log_sum_sq_probs"] = run_sq.log() - 2 * run_sum.log()
+        if run_z is not None:
+            outs["mean_logp"] = run_z / V - lse
+        # Ignored rows: outputs exactly 0, and finite saved stats so backward cannot produce NaN there.
+        for k in list(outs):
+            if k != "is_top1":
+                outs[k] = torch.where(valid, outs[k], 0.0)
+        stats = {k: torch.where(valid, v, 0.0) for k, v in stats.items()}
+        ctx.cfg, ctx.stat_keys, ctx.has_bias = cfg, tuple(stats), bias is not None
+        ctx.save_for_backward(hidden, weight, bias, targets, valid, *stats.values())
+        ctx.mark_non_differentiable(outs["is_top1"])
+        ctx.set_materialize_grads(False)
+        # Unrequested extras come back as distinct empty tensors (autograd wants one tensor per output).
+        return tuple(outs[k] if k in outs else hidden.new_empty(0, dtype=cd) for k in ("logps", *EXTRAS))
+
+    @staticmethod
+    def backward(ctx, g_logps, g_entropy, g_sq, g_mean, _g_top1):
+        hidden, weight, bias, targets, valid, *stat_vals = ctx.saved_tensors
+        cfg: _HeadCfg = ctx.cfg
+        stats = dict(zip(ctx.stat_keys, stat_vals))
+        N, V = hidden.shape[0], weight.shape[0]
+        cd = stats["lse"].dtype
+        named = {"logps": g_logps, "entropy": g_entropy, "log_sum_sq_probs": g_sq, "mean_logp": g_mean}
+        grads = {k: torch.where(valid, g.to(cd), 0.0) for k, g in named.items() if g is not None}
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(N, hidden.shape[1], dtype=cd, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        # Rows of ignored tokens are zeroed so NaN/inf hidden states there cannot reach grad_W via Gᵀh.
+        h_all = torch.where(valid[:, None], hidden, 0.0)
+        for v0 in range(0, V, cfg.vocab_chunk):
+            w = weight[v0 : v0 + cfg.vocab_chunk].to(cd)
+            b = None if bias is None else bias[v0 : v0 + cfg.vocab_chunk].to(cd)
+            gw = None
+            if need_w:  # accumulate straight into grad_w when it already has the compute dtype
+                gw = grad_w[v0 : v0 + cfg.vocab_chunk] if grad_w.dtype == cd else torch.zeros_like(w)
+                gw.zero_()
+            gb = torch.zeros(w.shape[0], dtype=cd, device=w.device) if need_b else None
+            for s in range(0, N, cfg.token_chunk):
+                r = slice(s, s + cfg.token_chunk)
+                h = h_all[r].to(cd)
+                z = _tile_logits(h, w, b, cfg)
+                idx = targets[r] - v0
+                hit = (idx >= 0) & (idx < w.shape[0])
+                G = _tile_grad(
+                    z,
+                    idx.clamp(0, w.shape[0] - 1),
+                    hit,
+                    valid[r],
+                    {k: v[r] for k, v in stats.items()},
+                    {k: v[r] for k, v in grads.items()},
+                    cfg,
+                    V,
+                )
+                if grad_h is not None:
+                    grad_h[r].addmm_(G, w)
+                if gw is not None:
+                    gw.addmm_(G.T, h)
+                if gb is not None:
+                    gb += G.sum(0)
+                del z, G  # free this tile before the next one is allocated
+            if grad_w is not None and grad_w.dtype != cd:
+                grad_w[v0 : v0 + cfg.vocab_chunk] = gw
+            if grad_b is not None:
+                grad_b[v0 : v0 + cfg.vocab_chunk] = gb
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int | None = None,
+    extras: tuple[str, ...] | list[str] = (),
+) -> dict[str, Tensor]:
+    """Log-probs of ``targets`` under the LM head, without materialising ``[N,V]`` logits.
+
+    Logits are ``z = softcap(logit_scale·(hidden·Wᵀ + bias))/τ`` with ``softcap(x) = c·tanh(x/c)``.
+    Forward keeps an online logsumexp over ``token_chunk x vocab_chunk`` tiles in (at least) fp32 and saves
+    only ``hidden, weight, bias, targets`` and O(N) statistics; backward recomputes each tile (≈ +33% head
+    FLOPs). Transient memory is a few ``token_chunk·vocab_chunk`` fp32 tiles (plus one fp32 copy of a weight
+    tile when the weight is half precision, and an fp32 ``[N,H]`` accumulator for ``grad_hidden``).
+
+    ``weight`` is an ordinary tensor: pass a tied embedding matrix and autograd accumulates both uses.
+
+    Args:
+        hidden: ``[N,H]`` final hidden states (after the final norm) of the positions to score.
+        weight: ``[V,H]`` LM-head weight; ``bias``: optional ``[V]``.
+        targets: ``[N]`` int64 token ids. Rows whose target is outside ``[0,V)`` (e.g. −100) are ignored: all
+            their outputs are 0 and they get exactly zero gradient.
+        extras: any of ``"entropy"`` (``lse z − E_p z``), ``"log_sum_sq_probs"`` (``lse 2z − 2 lse z``, WPO),
+            ``"mean_logp"`` (``mean_v z − lse z``, label smoothing), ``"is_top1"`` (bool: the target attains the
+            maximum logit). All float outputs are differentiable w.r.t. hidden, weight and bias.
+
+    Returns:
+        ``{"logps": [N], **{extra: [N]}}`` in fp32 (fp64 if the inputs are fp64).
+    """
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown extras {sorted(unknown)}; choose from {EXTRAS}")
+    if temperature <= 0 or token_chunk < 1 or (vocab_chunk is not None and vocab_chunk < 1):
+        raise ValueError("temperature, token_chunk and vocab_chunk must be positive")
+    V = weight.shape[0]
+    cfg = _HeadCfg(
+        temperature=float(temperature),
+        logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        token_chunk=int(token_chunk),
+        vocab_chunk=V if vocab_chunk is None else min(int(vocab_chunk), V),
+        entropy="entropy" in extras,
+        sq="log_sum_sq_probs" in extras,
+        mean="mean_logp" in extras,
+    )
+    outs = _ChunkedHeadLogps.apply(hidden, weight, bias, targets, cfg)
+    named = dict(zip(("logps", *EXTRAS), outs))
+    return {k: named[k] for k in ("logps", *extras)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face causal LMs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    # transformers 5: get_decoder() resolves language_model / text_model / base_model (LlamaModel for Llama).
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if decoder is None:
+        raise ValueError(f"cannot find the decoder backbone of {type(model).__name__}")
+    return decoder
+
+
+def _head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """(logit_scale, softcap) applied by the model's forward after the LM head."""
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere: logits * logit_scale
+    scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)  # Granite: logits / logits_scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    return scale, softcap
+
+
+def model_token_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    extras: tuple[str, ...] | list[str] = (),
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int | None = None,
+) -> dict[str, Tensor]:
+    """Aligned per-token log-probs of a Hugging Face causal LM, scoring only labelled positions.
+
+    Runs the backbone (last-layer hidden states after the final norm), picks the positions t−1 whose next
+    label ``labels[:,t]`` is not −100, and projects only those through the output embedding with
+    :func:`chunked_token_logps`, honouring ``config.logit_scale`` (Cohere), ``config.logits_scaling``
+    (Granite) and ``config.final_logit_softcapping`` (Gemma). Other model-specific head tweaks are not known.
+
+    Packed input: ``input_ids[1,ΣL]`` with ``position_ids`` restarting at 0 per document and
+    ``attention_mask=None`` (transformers then isolates documents); the caller sets −100 at each document's
+    first token.
+
+    Args:
+        input_ids, labels: ``[B,T]``; labels hold −100 where not scored.
+        attention_mask, position_ids: ``[B,T]``, passed to the backbone.
+        extras: as in :func:`chunked_token_logps`.
+
+    Returns:
+        ``{"logps": [B,T], **extras [B,T], "mask": [B,T] bool}``; slot t holds the value for predicting
+        ``labels[:,t]`` from tokens ``< t``; slots with ``mask=False`` (t=0, label −100) are 0 (False for
+        ``is_top1``) and carry no gradient.
+    """
+    out = _backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    B, T = labels.shape
+    sel = labels[:, 1:] != IGNORE_INDEX  # [B,T-1]: hidden at t−1 scores labels[:, t]
+    head = model.get_output_embeddings()
+    scale, softcap = _head_transform(model)
+    res = chunked_token_logps(
+        hidden[:, :-1][sel],
+        head.weight,
+        labels[:, 1:][sel],
+        bias=getattr(head, "bias", None),
+        temperature=temperature,
+        logit_scale=scale,
+        softcap=softcap,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        extras=extras,
+    )
+    mask = torch.cat([sel.new_zeros(B, 1), sel], dim=1)
+    per_token = {k: torch.zeros(B, T, dtype=v.dtype, device=v.device).masked_scatter(mask, v) for k, v in res.items()}
+    per_token["mask"] = mask
+    return per_token
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked reductions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _drop(x: Tensor, m: Tensor) -> Tensor:
+    return torch.where(m.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _count(m: Tensor, dim: int | None = None) -> Tensor:
+    return m.bool().sum() if dim is None else m.bool().sum(dim)
+
+
+def masked_sum(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
+    """``Σ m·x`` over ``dim`` (all dims if None); masked slots are dropped, not multiplied."""
+    x = _drop(x, m)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
+    """``Σ m·x / max(Σ m, 1)`` over ``dim`` (all dims if None); an empty mask gives 0."""
+    return masked_sum(x, m, dim) / _count(m, dim).clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: Tensor, m: Tensor, unbiased: bool = True) -> Tensor:
+    """Masked variance over all elements: ``Σ m(x−μ)² / (Σm − 1)`` (unbiased) or ``/ Σm``.
+
+    The denominator is clamped at 1, so fewer than two valid elements give 0 instead of a host-side error.
+    """
+    mu = masked_mean(x, m)
+    n = _count(m).to(x.dtype)
+    denom = (n - 1 if unbiased else n).clamp(min=1)
+    return masked_sum((x - mu).square(), m) / denom
+
+
+def whiten(
+    x: Tensor,
+    m: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``(x − μ)·rsqrt(var + eps)`` (``+ μ`` back if not ``shift_mean``); masked slots are 0.
+
+    ``stats=(μ, var)`` injects batch-global values (computed by the caller across ranks / micro-batches);
+    otherwise masked mean and unbiased variance of the tensor passed in.
+    """
+    mu, var = stats if stats is not None else (masked_mean(x, m), masked_var(x, m))
+    out = (x - mu) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mu
+    return _drop(out, m)
+
+
+def segment_sum(x: Tensor, segment_ids: Tensor, n: int) -> Tensor:
+    """Sum ``x`` per segment (e.g. per document of a packed row): ``[...] , [...] -> [n]``.
+
+    Entries with a negative segment id (padding / masked) are dropped. Differentiable w.r.t. ``x``.
+    """
+    x, ids = x.reshape(-1), segment_ids.reshape(-1)
+    keep = ids >= 0
+    return x.new_zeros(n).index_add(0, torch.where(keep, ids, 0), _drop(x, keep))
+
+
+def sequence_logps(
+    logps: Tensor,
+    m: Tensor,
+    reduce: Literal["sum", "mean"] = "sum",
+    *,
+    ld_alpha: float | None = None,
+    ld_lengths: Tensor | None = None,
+) -> Tensor:
+    """Per-sequence reduction of aligned per-token log-probs: ``[B,T] -> [B]``.
+
+    ``"sum"``: ``S = Σ_t m ℓ``; ``"mean"``: ``S / max(Σ_t m, 1)``.
+    LD-DPO (``ld_alpha`` with ``ld_lengths[B]`` = ``min(n_c, n_r)`` of each row's pair): tokens whose rank
+    ``k_t = cumsum(m)`` exceeds the length count with weight ``ld_alpha`` (1 elsewhere).
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    x = _drop(logps, m)
+    if ld_alpha is not None:
+        if ld_lengths is None:
+            raise ValueError("ld_alpha needs ld_lengths")
+        rank = m.bool().long().cumsum(-1)
+        x = torch.where(rank > ld_lengths[:, None], ld_alpha * x, x)
+    s = x.sum(-1)
+    return s if reduce == "sum" else s / _count(m, -1).clamp(min=1).to(s.dtype)
+
+
+def count_tokens(m: Tensor) -> Tensor:
+    """Number of valid tokens (0-dim int64) — the SFT / token-mean normaliser input before all-reduce."""
+    return _count(m)
+
+
+def count_sequences(m: Tensor, exclude_empty: bool = False) -> Tensor:
+    """Number of rows of ``m[B,T]`` (0-dim int64); ``exclude_empty`` skips rows without any valid token."""
+    if exclude_empty:
+        return m.bool().any(-1).sum()
+    return torch.tensor(m.shape[0], dtype=torch.long, device=m.device)

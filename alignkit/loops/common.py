@@ -1,0 +1,116 @@
+"""Pieces every loop shares: optimizer, schedule, batch plan, metrics log. Small on purpose."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):  # noqa: ANN201
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):  # noqa: ANN201
+    """Multiplier of the peak learning rate at each step: linear warmup, then cosine / linear / constant."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"schedule={schedule!r}; expected cosine, linear or constant")
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return f
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    *,
+    seed: int,
+    epochs: float,
+    grad_accum: int,
+    batch_size: int | None = None,
+    pack_tokens: int | None = None,
+) -> list[list[list[int]]]:
+    """The whole run's data order, fixed by the seed: steps -> micro-batches -> example indices.
+
+    Unpacked: each micro-batch is `batch_size` shuffled examples. Packed: each epoch's shuffled examples are
+    placed by best-fit-decreasing into bins of at most `pack_tokens` tokens; bin order is shuffled; a bin is
+    one micro-batch. Since the plan is a pure function of the seed, the data position is just the step.
+    """
+    from alignkit.data.collate import pack_best_fit_decreasing
+
+    rng = random.Random(seed)
+    micro: list[list[int]] = []
+    n_epochs = max(1, math.ceil(epochs))
+    for e in range(n_epochs):
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        if e == n_epochs - 1 and epochs != n_epochs:  # fractional last epoch
+            order = order[: max(1, int(round((epochs - e) * len(order))))]
+        if pack_tokens is not None:
+            bins = pack_best_fit_decreasing([lengths[i] for i in order], pack_tokens)
+            bins = [[order[j] for j in b] for b in bins]
+            rng.shuffle(bins)
+            micro.extend(bins)
+        else:
+            assert batch_size is not None
+            micro.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    return [micro[i : i + grad_accum] for i in range(0, len(micro) - grad_accum + 1, grad_accum)]
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once), optionally mirrors
+    scalars to TensorBoard. On resume, lines after the resumed step are dropped so the log stays exact."""
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

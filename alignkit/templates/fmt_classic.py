@@ -1,0 +1,285 @@
+"""Chat formats: Zephyr, Falcon-2, OLMo-2 (tag-per-turn), Vicuna, Alpaca (community layouts), Granite-3.
+
+Several of these official templates have no Jinja whitespace control, so their layout (indentation, blank
+lines between `{% %}` tags) ends up in the output; the constants below reproduce it character for character.
+
+Also home of the small helpers the other hand-written formats share (`add_turn`, `content_of`, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
+
+ALTERNATION_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+# Shared helpers -------------------------------------------------------------------------------------
+def add_turn(b: Builder, i: int, role: str, head: str, body: str, end: str = "", tail: str = "") -> None:
+    """Append message `i` as `head + body + end + tail`.
+
+    For an assistant message `body + end` (the rendered content and its end-of-turn marker) is trainable;
+    the header and whatever follows the marker are not. Other roles are one untrained piece.
+    """
+    if role == "assistant":
+        b.add(head, msg=i, role=role)
+        b.add(body + end, msg=i, role=role, train=True)
+        b.add(tail, msg=i, role=role)
+    else:
+        b.add(head + body + end + tail, msg=i, role=role)
+
+
+def content_of(m: Mapping[str, Any], i: int) -> str:
+    """Content that the template joins with `+`: Jinja raises on a missing value, and so do we."""
+    if "content" not in m:
+        raise TemplateError(f"messages[{i}] ({m['role']}) has no 'content'; this template needs a string")
+    return m["content"]
+
+
+def first_role(messages: list[dict[str, Any]]) -> str:
+    """Role of messages[0], which these templates read unconditionally (Jinja fails on an empty list)."""
+    if not messages:
+        raise TemplateError("messages is empty; this template needs at least one message")
+    return messages[0]["role"]
+
+
+def check_alternation(messages: list[dict[str, Any]]) -> None:
+    """The templates' test `(role == 'user') != (index % 2 == 0)`: users on even positions, never on odd.
+
+    Any non-user role passes on an odd position (as in the official templates).
+    """
+    for k, m in enumerate(messages):
+        if (m["role"] == "user") != (k % 2 == 0):
+            raise TemplateError(ALTERNATION_ERROR)
+
+
+# Zephyr / Falcon-2 / OLMo-2: "<tag>content[eos]\n" per message ---------------------------------------
+class _TaggedTurns(ChatFormat):
+    """One header per role, content, optional eos, a newline; generation prompt after the last message.
+
+    Roles without a tag (e.g. "tool") render nothing, as in the official templates.
+    """
+
+    tags: Mapping[str, str] = {}
+    eos_roles: frozenset[str] = frozenset()  # roles whose content is followed by eos_token
+    generation: str = ""
+    emits_bos: bool = False
+    last_assistant_newline: bool = True  # OLMo-2 omits the newline after the final assistant eos
+
+    def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
+        if self.emits_bos:
+            b.add(sw["bos_token"])
+        for i, m in enumerate(messages):
+            role = m["role"]
+            last = i == len(messages) - 1
+            if role in self.tags:
+                end = sw["eos_token"] if role in self.eos_roles else ""
+                newline = "" if (role == "assistant" and last and not self.last_assistant_newline) else "\n"
+                add_turn(b, i, role, self.tags[role], content_of(m, i), end, newline)
+            if last and add_generation_prompt:
+                b.add(self.generation)
+
+
+@register
+class Zephyr(_TaggedTurns):
+    name = "zephyr"
+    description = "Zephyr / TinyLlama-Chat: <|role|>\\ncontent</s>\\n, no BOS"
+    claims = ("zephyr",)
+    switches = {"eos_token": "</s>"}
+    tags = {"user": "<|user|>\n", "system": "<|system|>\n", "assistant": "<|assistant|>\n"}
+    eos_roles = frozenset(tags)
+    generation = "<|assistant|>\n"
+
+
+@register
+class Falcon2(_TaggedTurns):
+    """Falcon-2 has no end-of-turn marker: only the assistant content itself is trainable."""
+
+    name = "falcon"
+    description = "Falcon-2: 'User: \\n' / 'System: ' / 'Falcon:\\n' blocks, newline-separated, no eos"
+    claims = ("falcon-2",)
+    switches = {}
+    tags = {"user": "User: \n", "system": "System: ", "assistant": "Falcon:\n"}
+    generation = "Falcon:\n"
+
+
+@register
+class Olmo2(_TaggedTurns):
+    name = "olmo-2"
+    description = "OLMo-2 / Tulu-3: BOS, <|role|>\\ncontent\\n, assistant content + eos"
+    claims = ("olmo-2",)
+    switches = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    tags = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+    eos_roles = frozenset({"assistant"})
+    generation = "<|assistant|>\n"
+    emits_bos = True
+    last_assistant_newline = False
+
+
+# Vicuna / Alpaca: community templates whose tag layout leaks into the output ---------------------------
+class _CommunityLayout(ChatFormat):
+    """chujiezheng/chat_templates layout: "\\n" + bos + system + "\\n", then per message a blank line and an
+    8-space-indented block, a blank line after the loop, and a 4-space-indented generation prompt."""
+
+    user_head: str = ""
+    user_tail: str = ""
+    assistant_head: str = ""
+    assistant_tail: str = ""
+    generation: str = ""
+    switches = {"bos_token": "<s>", "eos_token": "</s>"}
+
+    def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
+        has_system = first_role(messages) == "system"
+        loop = messages[1:] if has_system else messages
+        check_alternation(loop)
+        b.add("\n" + sw["bos_token"])
+        if has_system:
+            b.add(messages[0].get("content", "").strip() + "\n\n\n", msg=0, role="system")
+        else:
+            b.add("\n")
+        offset = 1 if has_system else 0
+        for k, m in enumerate(loop):
+            i, role = k + offset, m["role"]
+            body = m.get("content", "").strip()
+            if role == "user":
+                add_turn(b, i, role, "\n        " + self.user_head, body, tail=self.user_tail + "\n")
+            elif role == "assistant":
+                head, tail = "\n        " + self.assistant_head, self.assistant_tail + "\n"
+                add_turn(b, i, role, head, body, sw["eos_token"], tail)
+            else:
+                b.add("\n", msg=i, role=role)
+        b.add("\n")
+        if add_generation_prompt:
+            b.add("    " + self.generation + "\n")
+
+
+@register
+class Vicuna(_CommunityLayout):
+    name = "vicuna"
+    description = "Vicuna v1.5 (community template): 'USER: ' / 'ASSISTANT: ' lines, trimmed content"
+    claims = ("vicuna",)
+    user_head, user_tail = "USER: ", "\n"
+    assistant_head, assistant_tail = "ASSISTANT: ", "\n"
+    generation = "ASSISTANT:"
+
+
+@register
+class Alpaca(_CommunityLayout):
+    name = "alpaca"
+    description = "Alpaca (community template): '### Instruction:' / '### Response:' blocks, trimmed content"
+    claims = ("alpaca",)
+    user_head, user_tail = "### Instruction:\n", "\n\n"
+    assistant_head, assistant_tail = "### Response:\n", "\n\n"
+    generation = "### Response:\n"
+
+
+# Granite 3.x ---------------------------------------------------------------------------------------
+_G_HELPFUL = " You are a helpful AI assistant."
+_G_TOOLS = (
+    " You are a helpful assistant with access to the following tools. When a tool is required to answer the"
+    " user's query, respond only with <|tool_call|> followed by a JSON list of tools used. If a tool does not"
+    " exist in the provided list of tools, notify the user that you do not have the ability to fulfill the request."
+)
+_G_DOCS = (
+    " Write the response to the user's input by strictly aligning with the facts in the provided documents. If"
+    " the information needed to answer the question is not available in the documents, inform the user that the"
+    " question cannot be answered based on the available data."
+)
+_G_THINKING = (
+    _G_HELPFUL + "\nRespond to every user query in a comprehensive and detailed way. You can write down your"
+    " thoughts and reasoning process before responding. In the thought process, engage in a comprehensive cycle"
+    " of analysis, summarization, exploration, reassessment, reflection, backtracing, and iteration to develop"
+    " well-considered thinking process. In the response section, based on various attempts, explorations, and"
+    " reflections from the thoughts section, systematically present the final solution that you deem correct."
+    " The response should summarize the thought process. Write your thoughts between <think></think> and write"
+    " your response between <response></response> for each user query."
+)
+_G_CITATIONS = (
+    "\nUse the symbols <|start_of_cite|> and <|end_of_cite|> to indicate when a fact comes from a document in the"
+    " search result, e.g <|start_of_cite|> {document_id: 1}my fact <|end_of_cite|> for a fact from document 1."
+    " Afterwards, list all the citations with their corresponding documents in an ordered list."
+)
+_G_HALLUCINATIONS = (
+    "\nFinally, after the response is written, include a numbered list of sentences from the response with a"
+    " corresponding risk value that are hallucinated and not based in the documents."
+)
+_G_EOT = "<|end_of_text|>"
+
+
+def granite_date(value: str | _dt.date | None) -> str:
+    """The date as Granite's template prints it (strftime "%B %d, %Y", e.g. "July 26, 2024").
+
+    None means today (what the template's strftime_now does). A date is formatted; a string in alignkit's
+    Llama-style "%d %b %Y" ("26 Jul 2024") is reformatted; any other string is used verbatim.
+    """
+    if value is None:
+        value = _dt.datetime.now()
+    if isinstance(value, _dt.date):
+        return value.strftime("%B %d, %Y")
+    try:
+        return _dt.datetime.strptime(value, "%d %b %Y").strftime("%B %d, %Y")
+    except ValueError:
+        return value
+
+
+def _granite_default_system(sw: dict) -> str:
+    tools, docs, controls = sw["tools"], sw["documents"], sw["controls"] or ()
+    today = granite_date(sw["date_string"])
+    text = f"Knowledge Cutoff Date: April 2024. Today's Date: {today}. You are Granite, developed by IBM."
+    if tools and docs:
+        text += _G_TOOLS + _G_DOCS
+    elif tools:
+        text += _G_TOOLS
+    elif docs:
+        text += _G_DOCS
+    elif sw["thinking"]:
+        text += _G_THINKING
+    else:
+        text += _G_HELPFUL
+    if "citations" in controls and docs:
+        text += _G_CITATIONS
+    if "hallucinations" in controls and docs:
+        text += _G_HALLUCINATIONS
+    return text
+
+
+@register
+class Granite3(ChatFormat):
+    """Granite 3.x. Without a system message the template injects one that contains today's date; the
+    `date_string` switch pins it (None = today, like the template's strftime_now)."""
+
+    name = "granite-3"
+    description = "IBM Granite 3.x: <|start_of_role|>role<|end_of_role|>content<|end_of_text|>, dated default system"
+    claims = ("granite-3",)
+    switches = {"date_string": None, "tools": None, "documents": None, "controls": None, "thinking": False}
+
+    def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
+        head = "<|start_of_role|>{}<|end_of_role|>".format
+        if first_role(messages) == "system":
+            b.add(head("system") + content_of(messages[0], 0) + _G_EOT + "\n", msg=0, role="system")
+            offset = 1
+        else:
+            b.add(head("system") + _granite_default_system(sw) + _G_EOT + "\n")
+            offset = 0
+        if sw["tools"]:
+            b.add(head("available_tools") + json.dumps(sw["tools"], ensure_ascii=False, indent=4) + _G_EOT + "\n")
+        for doc in sw["documents"] or ():
+            doc_id, text = _jinja_str(doc, "doc_id"), _jinja_str(doc, "text")
+            b.add(head('document {"document_id": "' + doc_id + '"}') + "\n" + text + _G_EOT + "\n")
+        loop = messages[offset:]
+        for k, m in enumerate(loop):
+            i = k + offset
+            add_turn(b, i, m["role"], head(m["role"]), content_of(m, i), _G_EOT, "\n")
+            if k == len(loop) - 1 and add_generation_prompt:
+                controls = sw["controls"]
+                extra = " " + json.dumps(controls, ensure_ascii=False) if controls else ""
+                b.add("<|start_of_role|>assistant" + extra + "<|end_of_role|>")
+
+
+def _jinja_str(d: Mapping[str, Any], key: str) -> str:
+    """`d[key]` as Jinja prints it: str() of the value, "" when the key is missing."""
+    return str(d[key]) if key in d else ""

@@ -1,0 +1,484 @@
+"""SFT step time, throughput and peak memory: alignkit ``train_sft`` vs TRL 1.16 ``SFTTrainer`` vs a plain loop.
+
+    python benchmarks/sft_vs_trl.py [--steps 3] [--runs 2] [--data alpaca3] [--trl-padding-free] [--profile]
+
+Needs the bench extra (trl, accelerate): ``/work/venvs/dev/bin/python benchmarks/sft_vs_trl.py``.
+
+Workload (identical for every variant): Llama-shaped model from ``LlamaConfig`` (hidden 256, 4 layers, 4 heads,
+intermediate 1024 = 4x hidden, vocab 32,000, untied head), random init with seed 0; fp32 on CPU; sdpa attention;
+no activation checkpointing; AdamW lr 2e-5, grad-norm clip 1.0. Tokenizer: Llama 2 (32,000 tokens) from the
+conformance kit with a ChatML template carrying ``{% generation %}`` markers; alignkit detects it as its
+``chatml`` format, TRL uses the markers for ``assistant_only_loss``. Both tokenize the 8 conversations to the
+same input ids and the same trained tokens (checked token by token before running). Data: 8 multi-turn
+conversations (``alpaca3``: three consecutive alpaca-cleaned instructions chained into one 3-turn conversation;
+``fastchat`` and ``dolly3`` are alternatives). Every optimizer step trains on exactly these 8 conversations
+(alignkit: 8 rows, one packed bin per epoch, one epoch per step; TRL: the 8 rows repeated, sequential sampler,
+batch size 8; plain: the same 8 each step), so per-step trained-token counts are comparable and are asserted
+equal across variants.
+
+Variants:
+* ``alignkit``: ``train_sft`` with packing (one padding-free row per step), log-probs only at trained positions
+  through the chunked LM head.
+* ``trl``: ``SFTTrainer``, ``assistant_only_loss=True``, TRL's defaults for padding (``packing=False``,
+  ``padding_free=False``: right-padded batches of 8); ``gradient_checkpointing=False`` and ``bf16=False`` set
+  explicitly because TRL's SFTConfig defaults them to True. TRL 1.16 itself uses a chunked ("fused") LM head; on
+  CPU it scores every position (padding and prompt tokens included) and also computes entropy and top-1 for its
+  metrics. ``--trl-padding-free`` adds a ``trl_pf`` variant with ``padding_free=True``.
+* ``plain``: HF ``model(input_ids, attention_mask, labels)`` (full logits) on right-padded batches, AdamW.
+
+Timing: seconds between the ends of consecutive optimizer steps (callbacks), i.e. collation, forward, backward,
+clipping and the optimizer; the first step is a warm-up and is dropped. alignkit runs one extra step whose time is
+dropped too, because ``train_sft`` writes its final checkpoint inside that interval. Each variant runs ``--runs``
+times in fresh subprocesses, interleaved, and the table shows the median over all timed steps. Throughput is
+trained (assistant) tokens per second.
+
+Memory: each run is its own subprocess. After imports, tokenizer, data and model exist, the kernel's RSS
+high-water mark is reset (``echo 5 > /proc/self/clear_refs`` resets VmHWM) and the peak reported is
+``VmHWM - VmRSS_at_reset`` read at the end of the last timed step: everything training needs on top of the
+model weights (tokenized data, trainer set-up, gradients, AdamW state, activations, LM-head tiles). tracemalloc
+does not see torch's allocations; VmHWM does, and is exact (no sampling). Without clear_refs it falls back to
+``ru_maxrss`` (high-water mark of the whole process, which is then an upper bound). Gradients + AdamW state of this
+~20.6M-parameter model are ~250 MB in every variant, so memory ratios are bounded below by that floor.
+
+Last measured (2 shared CPU cores, load from other jobs, torch 2.13 CPU, transformers 5.24, trl 1.16):
+    (filled in below after a run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+N_CONV = 8  # conversations per optimizer step
+MAX_LENGTH = 2048
+LR = 2e-5
+CHATML_GEN = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared set-up (runs inside each child)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakRSS:
+    """Peak resident memory since `reset()`, in MB above the RSS at reset (see module docstring)."""
+
+    def reset(self) -> None:
+        self.base_kb = _status_kb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "ru_maxrss"
+
+    def peak_mb(self) -> float:
+        peak = _status_kb("VmHWM") if self.method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak - self.base_kb) / 1024
+
+
+def conversations(name: str) -> list[dict]:
+    """The 8 conversations every step trains on (deterministic: the first ones of the set)."""
+
+    def read(ds: str) -> list[dict]:
+        return [json.loads(line) for line in (DATA / ds / f"{ds}.jsonl").read_text().splitlines() if line.strip()]
+
+    if name == "fastchat":
+        rows = read("fastchat_dummy_conversation")
+        return [{"messages": r["messages"]} for r in rows[:N_CONV]]
+    src = {"alpaca3": "alpaca_cleaned_1000", "dolly3": "dolly_subset"}[name]
+    rows = read(src)
+    out = []
+    for i in range(N_CONV):  # three consecutive single-turn rows -> one 3-turn conversation
+        msgs = [m for r in rows[3 * i : 3 * i + 3] for m in r["messages"] if m["role"] in ("user", "assistant")]
+        out.append({"messages": msgs})
+    return out
+
+
+def tokenizer():  # noqa: ANN201
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conformance_kit import load_tokenizer
+
+    tok = load_tokenizer("llama2")
+    tok.chat_template = CHATML_GEN
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # what TRL would pick too
+    return tok
+
+
+def model():  # noqa: ANN201
+    sys.path.insert(0, str(ROOT))
+    from alignkit.models import build_tiny_model, tiny_llama_config
+
+    cfg = tiny_llama_config(32000, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, max_positions=2048)
+    return build_tiny_model(cfg, seed=0, attn_implementation="sdpa")
+
+
+def hf_encode(tok, rows: list[dict]) -> list[dict]:  # noqa: ANN001
+    """HF's own tokenization with assistant masks (what TRL does): input_ids + labels (-100 off-assistant)."""
+    out = tok.apply_chat_template(
+        [r["messages"] for r in rows], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return [
+        {"input_ids": list(ids), "labels": [t if m else -100 for t, m in zip(ids, mask)]}
+        for ids, mask in zip(out["input_ids"], out["assistant_masks"])
+    ]
+
+
+def trained_per_step(encoded: list[dict]) -> int:
+    """Trained targets of one step: labels at t >= 1 (position 0 is never predicted)."""
+    return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in encoded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants (each returns {"times": [...] timed steps, "trained": [...] per step, "peak_mb", ...})
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:  # noqa: ANN001
+    from alignkit.loops.sft import SFTConfig, train_sft
+
+    total = warmup + steps + 1  # the last step's interval holds the final checkpoint write: dropped
+    ends, trained, peak = [], [], {}
+
+    def cb(step: int, record: dict) -> None:
+        ends.append(time.perf_counter())
+        trained.append(int(record["num_trained_tokens"]))
+        if step == warmup + steps:
+            peak["mb"] = mem.peak_mb()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SFTConfig(
+            output_dir=tmp,
+            train_on="assistant",
+            max_length=MAX_LENGTH,
+            packing=True,
+            batch_size=N_CONV,  # pack_tokens = 8 * 2048 >= the 8 conversations: one bin = one step
+            epochs=float(total),
+            lr=LR,
+            schedule="constant",
+            max_grad_norm=1.0,
+            dtype="float32",
+            attn_implementation="sdpa",
+            progress=False,
+            log_every=10**9,
+        )
+        mem.reset()
+        t0 = time.perf_counter()
+        summary = train_sft(cfg, model=mdl, tokenizer=tok, train_data=rows, callbacks=[cb])
+    assert summary["steps"] == total, f"expected {total} steps (one per epoch), got {summary['steps']}"
+    starts = [t0, *ends[:-1]]
+    times = [e - s for s, e in zip(starts, ends)][warmup : warmup + steps]
+    # alignkit counts labels != -100 before packing; position 0 of a document is never trained by the template
+    return {"times": times, "trained": trained[warmup : warmup + steps], "peak_mb": peak["mb"]}
+
+
+def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool) -> dict:  # noqa: ANN001
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    total = warmup + steps
+    ends, trained, peak = [], [], {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            ends.append(time.perf_counter())
+            if state.global_step == total:
+                peak["mb"] = mem.peak_mb()
+
+    class CountingSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+            if model.training:
+                trained.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=N_CONV,
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            assistant_only_loss=True,
+            packing=False,
+            padding_free=padding_free,
+            max_length=None if padding_free else MAX_LENGTH,  # TRL refuses max_length with padding_free, no packing
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            train_sampling_strategy="sequential",
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        mem.reset()
+        trainer = CountingSFTTrainer(
+            model=mdl, args=args, train_dataset=datasets.Dataset.from_list(rows * total), processing_class=tok
+        )
+        trainer.add_callback(Timer())
+        trainer.train()
+    times = [e - s for s, e in zip(ends[:-1], ends[1:])][warmup:]
+    return {"times": times, "trained": trained[warmup:], "peak_mb": peak["mb"]}
+
+
+def run_plain(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:  # noqa: ANN001
+    import torch
+
+    encoded = hf_encode(tok, rows)
+    pad = tok.pad_token_id
+
+    def collate(batch: list[dict]) -> dict:
+        T = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        labels = torch.full((len(batch), T), -100, dtype=torch.long)
+        attn = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            attn[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+    mem.reset()
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(mdl.parameters(), lr=LR, weight_decay=0.0)
+    mdl.train()
+    ends, trained, peak = [time.perf_counter()], [], 0.0
+    for step in range(warmup + steps):
+        batch = collate(encoded)
+        trained.append(int((batch["labels"][:, 1:] != -100).sum()))
+        loss = mdl(**batch, use_cache=False).loss  # mean over trained tokens (HF shifts labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+        if step == warmup + steps - 1:
+            peak = mem.peak_mb()
+    times = [e - s for s, e in zip(ends[:-1], ends[1:])][warmup:]
+    return {"times": times, "trained": trained[warmup:], "peak_mb": peak}
+
+
+def child(variant: str, data: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    # import everything a variant needs before the memory baseline, so imports do not count as training memory
+    if variant == "alignkit":
+        import alignkit.loops.sft  # noqa: F401
+    if variant.startswith("trl"):
+        import trl  # noqa: F401
+        from trl import SFTTrainer  # noqa: F401
+
+    torch.manual_seed(0)
+    tok, rows = tokenizer(), conversations(data)
+    mdl = model()
+    mem = PeakRSS()
+    if variant == "alignkit":
+        res = run_alignkit(rows, tok, mdl, steps, warmup, mem)
+    elif variant in ("trl", "trl_pf"):
+        res = run_trl(rows, tok, mdl, steps, warmup, mem, padding_free=variant == "trl_pf")
+    elif variant == "plain":
+        res = run_plain(rows, tok, mdl, steps, warmup, mem)
+    else:
+        raise ValueError(variant)
+    res["method"] = mem.method
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile of one alignkit step (same operations as train_sft's inner loop, timed piece by piece)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def profile_alignkit(data: str, reps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from alignkit.data.collate import pack_collate, packed_forward_kwargs
+    from alignkit.data.tokenize import tokenize_rows
+    from alignkit.logprobs import chunked_token_logps
+    from alignkit.loops.common import make_optimizer
+    from alignkit.loops.sft import SFTConfig
+
+    tok, rows = tokenizer(), conversations(data)
+    mdl = model()
+    mdl.train()
+    examples, _ = tokenize_rows(tok, rows, max_length=MAX_LENGTH)
+    opt = make_optimizer(mdl, LR)
+    chunk = SFTConfig.token_chunk
+    backbone, head = mdl.get_decoder(), mdl.get_output_embeddings()
+    parts: dict[str, list[float]] = {}
+
+    def add(k: str, v: float) -> None:
+        parts.setdefault(k, []).append(v)
+
+    for rep in range(reps + 1):
+        t = [time.perf_counter()]
+        b = pack_collate(examples)
+        kw = packed_forward_kwargs(b, "sdpa")
+        kw["use_cache"] = False
+        labels = b["labels"]
+        t.append(time.perf_counter())
+        hidden = backbone(**kw).last_hidden_state
+        t.append(time.perf_counter())
+        sel = labels[:, 1:] != -100
+        logps = chunked_token_logps(hidden[:, :-1][sel], head.weight, labels[:, 1:][sel], token_chunk=chunk)["logps"]
+        loss = -logps.sum() / sel.sum()
+        t.append(time.perf_counter())
+        grad_at_hidden = []
+        hidden.register_hook(lambda g: grad_at_hidden.append(time.perf_counter()))
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if rep == 0:
+            continue  # warm-up
+        add("collate", t[1] - t[0])
+        add("backbone forward", t[2] - t[1])
+        add("LM head forward (chunked)", t[3] - t[2])
+        add("LM head backward (recompute tiles)", grad_at_hidden[0] - t[3])
+        add("backbone backward", t[4] - grad_at_hidden[0])
+        add("clip + AdamW", t[5] - t[4])
+        add("total", t[5] - t[0])
+    n_tokens = int(b["input_ids"].numel())
+    n_trained = int(sel.sum())
+    # attention alone: packed row (one causal mask over all documents) vs per-document (what padding does)
+    return {k: statistics.median(v) for k, v in parts.items()} | {"tokens": n_tokens, "trained": n_trained}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _spawn(args: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"child {args} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_same_tokens(data: str) -> tuple[int, int]:
+    """alignkit's tokenization == HF/TRL's (apply_chat_template + assistant masks), token by token."""
+    sys.path.insert(0, str(ROOT))
+    from alignkit.data.tokenize import resolve_format, tokenize_rows
+
+    tok, rows = tokenizer(), conversations(data)
+    ours, report = tokenize_rows(tok, rows, max_length=MAX_LENGTH)
+    theirs = hf_encode(tok, rows)
+    assert report.truncated == 0 and len(ours) == len(theirs) == N_CONV, report
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a["input_ids"] == b["input_ids"], f"conversation {i}: input ids differ"
+        assert a["labels"] == b["labels"], f"conversation {i}: trained tokens differ"
+    n_tok = sum(len(e["input_ids"]) for e in theirs)
+    print(f"tokenization: alignkit format {resolve_format(tok, None).name!r} == HF assistant masks on all {N_CONV}")
+    return n_tok, trained_per_step(theirs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2, help="fresh subprocesses per variant, interleaved")
+    ap.add_argument("--data", choices=("alpaca3", "fastchat", "dolly3"), default="alpaca3")
+    ap.add_argument("--variants", default="alignkit,trl,plain")
+    ap.add_argument("--trl-padding-free", action="store_true", help="also run TRL with padding_free=True")
+    ap.add_argument("--profile", action="store_true", help="time the parts of an alignkit step")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.child == "profile":
+        print(json.dumps(profile_alignkit(a.data, a.steps)))
+        return
+    if a.child:
+        print(json.dumps(child(a.child, a.data, a.steps, a.warmup)))
+        return
+
+    n_tok, n_trained = check_same_tokens(a.data)
+    variants = [v for v in a.variants.split(",") if v]
+    if a.trl_padding_free and "trl_pf" not in variants:
+        variants.append("trl_pf")
+    print(
+        f"workload: {N_CONV} conversations/step ({a.data}), {n_tok} tokens, {n_trained} trained; "
+        f"{a.warmup} warm-up + {a.steps} timed steps x {a.runs} runs per variant"
+    )
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    t_start = time.perf_counter()
+    for r in range(a.runs):
+        for v in variants:
+            res = _spawn(["--child", v, "--data", a.data, "--steps", str(a.steps), "--warmup", str(a.warmup)])
+            results[v].append(res)
+            print(
+                f"  run {r + 1} {v:9s} s/step {[round(x, 2) for x in res['times']]} "
+                f"peak +{res['peak_mb']:.0f} MB ({res['method']})",
+                flush=True,
+            )
+
+    rows = {}
+    for v, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        counts = {c for r in runs for c in r["trained"]}
+        assert counts == {n_trained}, f"{v}: trained tokens per step {sorted(counts)} != {n_trained}"
+        s = statistics.median(times)
+        rows[v] = {"s_step": s, "tok_s": n_trained / s, "peak": statistics.median(r["peak_mb"] for r in runs)}
+    print(
+        f"\ntrained tokens per step: {n_trained} in every variant (asserted); wall {time.perf_counter() - t_start:.0f} s"
+    )
+    print(f"{'variant':10s} {'s/step':>8s} {'trained tok/s':>14s} {'peak MB':>9s}")
+    for v, x in rows.items():
+        print(f"{v:10s} {x['s_step']:8.2f} {x['tok_s']:14.0f} {x['peak']:9.0f}")
+    if "alignkit" in rows:
+        ak = rows["alignkit"]
+        for ref, goal_t, goal_m in (("trl", 6.0, 0.4), ("trl_pf", None, None), ("plain", 2.0, None)):
+            if ref not in rows:
+                continue
+            thr = ak["tok_s"] / rows[ref]["tok_s"]
+            memr = ak["peak"] / rows[ref]["peak"]
+            goal = f" (goal >= {goal_t}x: {'met' if thr >= goal_t else 'MISSED'})" if goal_t else ""
+            mgoal = f" (goal <= {goal_m}x: {'met' if memr <= goal_m else 'MISSED'})" if goal_m else ""
+            print(f"alignkit/{ref}: throughput {thr:.2f}x{goal}; peak memory {memr:.2f}x{mgoal}")
+
+    if a.profile:
+        p = _spawn(["--child", "profile", "--data", a.data, "--steps", str(max(2, a.steps))])
+        print(f"\nalignkit step profile ({p.pop('tokens')} tokens in one packed row, {p.pop('trained')} trained):")
+        total = p["total"]
+        for k, v in p.items():
+            print(f"  {k:38s} {v:7.3f} s  {100 * v / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
