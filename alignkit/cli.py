@@ -4,41 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from alignkit.config import ConfigError, load_config
 
-
-@dataclass
-class Command:
-    config_cls: Callable[[], type]
-    run: Callable[[Any], Any]
-    help: str
-
-
-def _sft() -> Command:
-    from alignkit.loops.sft import SFTConfig, train_sft
-
-    return Command(lambda: SFTConfig, lambda cfg: train_sft(cfg), "supervised fine-tuning")
-
-
-def _demo() -> Command:
-    from alignkit.demo import DemoConfig, run_demo
-
-    return Command(lambda: DemoConfig, run_demo, "embedded tiny-model demo (no downloads, no GPU)")
+# command -> (module, config dataclass, run function); imported only when that command runs
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("alignkit.loops.sft", "SFTConfig", "train_sft"),
+    "dpo": ("alignkit.loops.dpo", "DPOConfig", "train_dpo"),
+    "kto": ("alignkit.loops.kto", "KTOConfig", "train_kto"),
+    "reward": ("alignkit.loops.reward", "RewardConfig", "train_reward"),
+    "grpo": ("alignkit.loops.grpo", "GRPOConfig", "train_grpo"),
+    "rloo": ("alignkit.loops.rloo", "RLOOConfig", "train_rloo"),
+    "prm": ("alignkit.loops.prm", "PRMConfig", "train_prm"),
+    "demo": ("alignkit.demo", "DemoConfig", "run_demo"),
+}
 
 
-# Training commands: name -> lazy loader (imports torch only when used)
-COMMANDS: dict[str, Callable[[], Command]] = {"sft": _sft, "demo": _demo}
+def _available() -> dict[str, tuple[str, str, str]]:
+    import importlib.util
+
+    return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="alignkit", description="post-training in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    commands = _available()
+    for name in commands:
         p = sub.add_parser(name, help=f"run `{name}` (config keys as key=value)")
         p.add_argument("--config", help="YAML file of config keys")
         p.add_argument("overrides", nargs="*", help="key=value pairs overriding the config file")
@@ -52,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plot_run(args.run_dir, args.out))
         return 0
-    cmd = COMMANDS[args.command]()
+    import importlib
+
+    module_name, config_name, run_name = commands[args.command]
+    module = importlib.import_module(module_name)
     try:
-        cfg = load_config(cmd.config_cls(), args.config, args.overrides)
+        cfg = load_config(getattr(module, config_name), args.config, args.overrides)
     except ConfigError as e:
         print(f"alignkit {args.command}: {e}", file=sys.stderr)
         return 2
-    cmd.run(cfg)
+    getattr(module, run_name)(cfg)
     return 0
 
 

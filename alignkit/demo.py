@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
         chat_format=FORMAT,
         packing=True,
         pack_tokens=cfg.batch_size * 24,
-        max_length=64,
+        max_length=128,
         epochs=100,
         max_steps=cfg.steps,
         lr=cfg.lr,

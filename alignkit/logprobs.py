@@ -15,7 +15,7 @@ cannot leak into values or gradients. Nothing here calls ``.item()`` or synchron
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -42,39 +42,43 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _RowLogps(torch.autograd.Function):
     """``ℓ_r = z_r[y_r] − lse(z_r)`` for rows of ``logits[R,V]`` with ``z = logits/τ``, row-chunked in fp32.
 
-    Saves only ``logits`` (no copy), targets and ``lse``; backward recomputes the softmax per row chunk, so no
-    full fp32 copy of the logits ever exists. Rows with ``valid=False`` give 0 and receive exactly 0 gradient.
+    Saves only ``logits`` (no copy), targets and the per-row max and log-sum (kept apart so ``z − lse`` loses
+    no precision at large logits); backward recomputes the softmax per row chunk, so no full fp32 copy of the
+    logits ever exists. Rows with ``valid=False`` give 0 and receive exactly 0 gradient.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, valid: Tensor, temperature: float) -> Tensor:
         cdtype = _compute_dtype(logits.dtype)
         rows = logits.shape[0]
-        out = torch.zeros(rows, dtype=cdtype, device=logits.device)
-        lse = torch.zeros(rows, dtype=cdtype, device=logits.device)
+        new = lambda: torch.zeros(rows, dtype=cdtype, device=logits.device)
+        out, row_max, log_s = new(), new(), new()
         safe_t = torch.where(valid, targets, 0)
         for s in range(0, rows, _ROW_CHUNK):
-            z = logits[s : s + _ROW_CHUNK].to(cdtype) / temperature
-            lse[s : s + _ROW_CHUNK] = torch.logsumexp(z, dim=-1)
-            zy = z.gather(1, safe_t[s : s + _ROW_CHUNK, None]).squeeze(1)
-            out[s : s + _ROW_CHUNK] = zy - lse[s : s + _ROW_CHUNK]
-        ctx.save_for_backward(logits, safe_t, valid, lse)
+            sl = slice(s, s + _ROW_CHUNK)
+            z = logits[sl].to(cdtype) / temperature
+            row_max[sl] = z.amax(-1)
+            zy = z.gather(1, safe_t[sl, None]).squeeze(1) - row_max[sl]
+            log_s[sl] = z.sub_(row_max[sl, None]).exp_().sum(-1).log()
+            out[sl] = zy - log_s[sl]
+            del z
+        ctx.save_for_backward(logits, safe_t, valid, row_max, log_s)
         ctx.temperature = temperature
         return torch.where(valid, out, 0.0)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        logits, safe_t, valid, lse = ctx.saved_tensors
-        cdtype = lse.dtype
-        g = torch.where(valid, grad_out.to(cdtype), 0.0)
+        logits, safe_t, valid, row_max, log_s = ctx.saved_tensors
+        g = torch.where(valid, grad_out.to(log_s.dtype), 0.0)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], _ROW_CHUNK):
             sl = slice(s, s + _ROW_CHUNK)
-            z = logits[sl].to(cdtype) / ctx.temperature
-            G = z.sub_(lse[sl, None]).exp_().mul_(-g[sl, None])  # −g·p
+            z = logits[sl].to(log_s.dtype) / ctx.temperature
+            G = z.sub_(row_max[sl, None]).sub_(log_s[sl, None]).exp_().mul_(-g[sl, None])  # −g·p
             G.scatter_add_(1, safe_t[sl, None], g[sl, None])  # +g·onehot
             G.masked_fill_(~valid[sl, None], 0.0)  # NaN/inf rows of ignored slots stay out
             grad[sl] = G.div_(ctx.temperature)
+            del z, G
         return grad, None, None, None
 
 
@@ -147,7 +151,6 @@ def _tile_grad(
     z: Tensor,
     idx: Tensor,
     hit: Tensor,
-    valid: Tensor,
     stats: dict[str, Tensor],
     grads: dict[str, Tensor],
     cfg: _HeadCfg,
@@ -157,28 +160,30 @@ def _tile_grad(
 
     With p = softmax(z), q = softmax(2z):
     ``∂ℓ/∂z = onehot − p``, ``∂H/∂z = −p(z − E_p z)``, ``∂mean_logp/∂z = 1/V − p``, ``∂lsq/∂z = 2q − 2p``.
+    Everything is computed from ``d = z − max`` so that large logits lose no precision (p = e^{d − log s}).
     """
     gl, gh, gm, gs = (grads.get(k) for k in ("logps", "entropy", "mean_logp", "log_sum_sq_probs"))
-    coef = torch.zeros_like(stats["lse"])
+    coef = torch.zeros_like(stats["log_s"])
     for g, w in ((gl, 1.0), (gm, 1.0), (gs, 2.0)):
         if g is not None:
             coef = coef - w * g
-    G = (z - stats["lse"][:, None]).exp_()  # p
-    if gh is not None:
-        G.mul_((z - stats["ez"][:, None]).mul_(-gh[:, None]).add_(coef[:, None]))
+    # Chain rule back to raw logits: z = c·tanh(s·raw/c)/τ  =>  dz/draw = s(1 − (τz/c)²)/τ.
+    dz: Tensor | float = cfg.logit_scale / cfg.temperature
+    if cfg.softcap is not None:
+        dz = (z * (cfg.temperature / cfg.softcap)).square_().neg_().add_(1.0).mul_(dz)
+    d = z.sub_(stats["max"][:, None])
+    keep_d = gh is not None or gs is not None
+    G = (d - stats["log_s"][:, None] if keep_d else d.sub_(stats["log_s"][:, None])).exp_()  # p
+    if gh is not None:  # d − (E_p z − max) = z − E_p z
+        G.mul_((d - stats["ez_rel"][:, None]).mul_(-gh[:, None]).add_(coef[:, None]))
     else:
         G.mul_(coef[:, None])
-    if gs is not None:
-        G.add_((2 * z - stats["lse2"][:, None]).exp_().mul_(2 * gs[:, None]))
+    if gs is not None:  # q = e^{2d − log Σ e^{2d}}
+        G.add_((2 * d - stats["log_s2"][:, None]).exp_().mul_(2 * gs[:, None]))
     if gm is not None:
         G.add_(gm[:, None] / vocab)
     if gl is not None:
         G.scatter_add_(1, idx[:, None], torch.where(hit, gl, 0.0)[:, None])
-    G.masked_fill_(~valid[:, None], 0.0)
-    # Chain rule back to raw logits: z = c·tanh(s·raw/c)/τ  =>  dz/draw = s(1 − (τz/c)²)/τ.
-    if cfg.softcap is None:
-        return G.mul_(cfg.logit_scale / cfg.temperature)
-    dz = z.mul_(cfg.temperature / cfg.softcap).square_().neg_().add_(1.0).mul_(cfg.logit_scale / cfg.temperature)
     return G.mul_(dz)
 
 
@@ -192,51 +197,53 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         dev = hidden.device
         valid = (targets >= 0) & (targets < V)
         full = lambda v: torch.full((N,), v, dtype=cd, device=dev)
-        run_max, run_sum, zy = full(float("-inf")), full(0.0), full(0.0)
-        run_pz = full(0.0) if cfg.entropy else None  # Σ e^{z−m}·z
+        # Running statistics relative to the running max m (finite start: no inf − inf before the first tile).
+        run_max, run_sum, zy = full(torch.finfo(cd).min), full(0.0), full(0.0)  # m, Σ e^{z−m}, z_target
+        run_pz = full(0.0) if cfg.entropy else None  # Σ e^{z−m}·(z−m)
         run_sq = full(0.0) if cfg.sq else None  # Σ e^{2(z−m)}
         run_z = full(0.0) if cfg.mean else None  # Σ z
+        # Ignored rows see a zero hidden state: their statistics stay finite even if the caller's hidden row is
+        # NaN/inf, so in backward their (zeroed) output grads give exactly 0, with no full-tile masking needed.
+        h_all = torch.where(valid[:, None], hidden, 0.0)
         # Vocab-outer loop: each weight tile is upcast once; running stats are O(N) vectors.
         for v0 in range(0, V, cfg.vocab_chunk):
             w = weight[v0 : v0 + cfg.vocab_chunk].to(cd)
             b = None if bias is None else bias[v0 : v0 + cfg.vocab_chunk].to(cd)
             for s in range(0, N, cfg.token_chunk):
                 r = slice(s, s + cfg.token_chunk)
-                z = _tile_logits(hidden[r].to(cd), w, b, cfg)
+                z = _tile_logits(h_all[r].to(cd), w, b, cfg)
                 idx = targets[r] - v0
                 hit = (idx >= 0) & (idx < w.shape[0])
                 zy[r] = torch.where(hit, z.gather(1, idx.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1), zy[r])
                 if run_z is not None:
                     run_z[r] += z.sum(1)
                 new_max = torch.maximum(run_max[r], z.amax(1))
-                alpha = torch.exp(run_max[r] - new_max)
+                shift = run_max[r] - new_max
+                alpha = shift.exp()
                 d = z.sub_(new_max[:, None])  # z − m_new, in place
-                e = d.exp()
-                e_sum = e.sum(1)
-                run_sum[r] = run_sum[r] * alpha + e_sum
-                if run_pz is not None:
-                    run_pz[r] = run_pz[r] * alpha + torch.einsum("cv,cv->c", e, d) + new_max * e_sum
+                e = d.exp() if run_pz is not None else d.exp_()  # entropy needs d alongside e
+                if run_pz is not None:  # Σ e^{z−m'}(z−m') = α(Σ e^{z−m}(z−m) + (m−m')Σ e^{z−m}) + tile
+                    run_pz[r] = alpha * (run_pz[r] + shift * run_sum[r]) + torch.einsum("cv,cv->c", e, d)
                 if run_sq is not None:
                     run_sq[r] = run_sq[r] * alpha.square() + torch.einsum("cv,cv->c", e, e)
+                run_sum[r] = run_sum[r] * alpha + e.sum(1)
                 run_max[r] = new_max
                 del z, d, e  # free this tile before the next one is allocated
-        lse = run_max + run_sum.log()
-        stats = {"lse": lse}
-        outs = {"logps": zy - lse, "is_top1": valid & (zy >= run_max)}
+        log_s = run_sum.log()  # lse = m + log_s, kept apart so that z − lse loses no precision
+        stats = {"max": run_max, "log_s": log_s}
+        outs = {"logps": (zy - run_max) - log_s, "is_top1": valid & (zy >= run_max)}
         if run_pz is not None:
-            stats["ez"] = run_pz / run_sum
-            outs["entropy"] = lse - stats["ez"]
+            stats["ez_rel"] = run_pz / run_sum  # E_p z − m
+            outs["entropy"] = log_s - stats["ez_rel"]
         if run_sq is not None:
-            stats["lse2"] = 2 * run_max + run_sq.log()
-            outs["log_sum_sq_probs"] = run_sq.log() - 2 * run_sum.log()
+            stats["log_s2"] = run_sq.log()
+            outs["log_sum_sq_probs"] = stats["log_s2"] - 2 * log_s
         if run_z is not None:
-            outs["mean_logp"] = run_z / V - lse
-        # Ignored rows: outputs exactly 0, and finite saved stats so backward cannot produce NaN there.
-        for k in list(outs):
+            outs["mean_logp"] = (run_z / V - run_max) - log_s
+        for k in list(outs):  # ignored rows read exactly 0
             if k != "is_top1":
                 outs[k] = torch.where(valid, outs[k], 0.0)
-        stats = {k: torch.where(valid, v, 0.0) for k, v in stats.items()}
-        ctx.cfg, ctx.stat_keys, ctx.has_bias = cfg, tuple(stats), bias is not None
+        ctx.cfg, ctx.stat_keys = cfg, tuple(stats)
         ctx.save_for_backward(hidden, weight, bias, targets, valid, *stats.values())
         ctx.mark_non_differentiable(outs["is_top1"])
         ctx.set_materialize_grads(False)
@@ -249,14 +256,14 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         cfg: _HeadCfg = ctx.cfg
         stats = dict(zip(ctx.stat_keys, stat_vals))
         N, V = hidden.shape[0], weight.shape[0]
-        cd = stats["lse"].dtype
+        cd = stats["log_s"].dtype
         named = {"logps": g_logps, "entropy": g_entropy, "log_sum_sq_probs": g_sq, "mean_logp": g_mean}
         grads = {k: torch.where(valid, g.to(cd), 0.0) for k, g in named.items() if g is not None}
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros(N, hidden.shape[1], dtype=cd, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b else None
-        # Rows of ignored tokens are zeroed so NaN/inf hidden states there cannot reach grad_W via Gᵀh.
+        # Same zeroed rows as in forward (recomputed rather than saved: hidden is alive anyway).
         h_all = torch.where(valid[:, None], hidden, 0.0)
         for v0 in range(0, V, cfg.vocab_chunk):
             w = weight[v0 : v0 + cfg.vocab_chunk].to(cd)
@@ -276,7 +283,6 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     z,
                     idx.clamp(0, w.shape[0] - 1),
                     hit,
-                    valid[r],
                     {k: v[r] for k, v in stats.items()},
                     {k: v[r] for k, v in grads.items()},
                     cfg,
@@ -390,6 +396,7 @@ def model_token_logps(
     extras: tuple[str, ...] | list[str] = (),
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int | None = None,
+    **backbone_kwargs: Any,
 ) -> dict[str, Tensor]:
     """Aligned per-token log-probs of a Hugging Face causal LM, scoring only labelled positions.
 
@@ -406,14 +413,16 @@ def model_token_logps(
         input_ids, labels: ``[B,T]``; labels hold −100 where not scored.
         attention_mask, position_ids: ``[B,T]``, passed to the backbone.
         extras: as in :func:`chunked_token_logps`.
+        backbone_kwargs: passed on to the backbone (e.g. ``cu_seq_lens_q`` for flash-attention packing).
 
     Returns:
         ``{"logps": [B,T], **extras [B,T], "mask": [B,T] bool}``; slot t holds the value for predicting
         ``labels[:,t]`` from tokens ``< t``; slots with ``mask=False`` (t=0, label −100) are 0 (False for
         ``is_top1``) and carry no gradient.
     """
+    backbone_kwargs.setdefault("use_cache", False)
     out = _backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **backbone_kwargs
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     B, T = labels.shape
@@ -470,7 +479,8 @@ def masked_var(x: Tensor, m: Tensor, unbiased: bool = True) -> Tensor:
     mu = masked_mean(x, m)
     n = _count(m).to(x.dtype)
     denom = (n - 1 if unbiased else n).clamp(min=1)
-    return masked_sum((x - mu).square(), m) / denom
+    # Drop before subtracting: a NaN slot would otherwise send 0·NaN = NaN back through the square to μ.
+    return masked_sum((_drop(x, m) - mu).square(), m) / denom
 
 
 def whiten(
@@ -486,7 +496,7 @@ def whiten(
     otherwise masked mean and unbiased variance of the tensor passed in.
     """
     mu, var = stats if stats is not None else (masked_mean(x, m), masked_var(x, m))
-    out = (x - mu) * torch.rsqrt(var + eps)
+    out = (_drop(x, m) - mu) * torch.rsqrt(var + eps)  # dropped first, so no NaN reaches var's gradient
     if not shift_mean:
         out = out + mu
     return _drop(out, m)

@@ -58,16 +58,15 @@ def _child(variant: str, token_chunk: int, timing_iters: int) -> dict:
         method = "VmHWM"
     except OSError:
         method = "ru_maxrss"
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = [first]
-    for _ in range(timing_iters):
-        t0 = time.perf_counter()
+    wall, cpu = [], []
+    for i in range(1 + timing_iters):
+        w0, c0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
-    return {"peak_mb": (peak - rss_before) / 1024, "time_s": min(times), "method": method}
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+        if i == 0:
+            peak = _status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": (peak - rss_before) / 1024, "wall_s": min(wall), "cpu_s": min(cpu), "method": method}
 
 
 def _run(variant: str, token_chunk: int, timing_iters: int) -> dict:
@@ -98,15 +97,22 @@ def main() -> None:
     full_mb = B * T * V * 4 / 2**20
     print(f"B={B} T={T} (N={B * T}) V={V} H={H}, fp32 CPU, forward+backward; one [N,V] fp32 copy = {full_mb:.0f} MB")
     print(f"memory method: {results[variants[0]][0]['method']} delta; medians over {args.repeats} subprocesses")
-    print(f"{'variant':<22}{'peak extra MB':>15}{'time s':>10}{'mem vs naive':>15}{'time vs naive':>15}")
-    base = results[variants[0]]
-    base_mem = statistics.median(r["peak_mb"] for r in base)
-    base_t = statistics.median(r["time_s"] for r in base)
-    for name, chunk in variants:
-        mem = statistics.median(r["peak_mb"] for r in results[(name, chunk)])
-        t = statistics.median(r["time_s"] for r in results[(name, chunk)])
-        label = name if name == "naive" else f"{name} (C={chunk})"
-        print(f"{label:<22}{mem:>15.0f}{t:>10.2f}{base_mem / mem:>14.1f}x{t / base_t:>14.2f}x")
+    med = lambda v, key: statistics.median(r[key] for r in results[v])
+    head = ["variant", "peak extra MB", "naive/this", "wall s", "this/naive", "CPU s", "this/naive"]
+    print("".join(f"{h:>14}" if i else f"{h:<20}" for i, h in enumerate(head)))
+    base = variants[0]
+    for v in variants:
+        label = v[0] if v[0] == "naive" else f"{v[0]} (C={v[1]})"
+        mem, wall, cpu = med(v, "peak_mb"), med(v, "wall_s"), med(v, "cpu_s")
+        cells = [
+            f"{mem:.0f}",
+            f"{med(base, 'peak_mb') / mem:.1f}x",
+            f"{wall:.2f}",
+            f"{wall / med(base, 'wall_s'):.2f}x",
+        ]
+        cells += [f"{cpu:.2f}", f"{cpu / med(base, 'cpu_s'):.2f}x"]
+        print(f"{label:<20}" + "".join(f"{c:>14}" for c in cells))
+    print("wall time is noisy on shared cores; CPU time (process_time, all threads) is the steadier speed signal")
 
 
 if __name__ == "__main__":

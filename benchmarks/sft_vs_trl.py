@@ -192,7 +192,7 @@ def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:
     return {"times": times, "trained": trained[warmup : warmup + steps], "peak_mb": peak["mb"]}
 
 
-def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool) -> dict:  # noqa: ANN001
+def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool, checkpointing: bool) -> dict:  # noqa: ANN001, E501
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -228,7 +228,7 @@ def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free:
             packing=False,
             padding_free=padding_free,
             max_length=None if padding_free else MAX_LENGTH,  # TRL refuses max_length with padding_free, no packing
-            gradient_checkpointing=False,
+            gradient_checkpointing=checkpointing,
             bf16=False,
             fp16=False,
             use_cpu=True,
@@ -288,8 +288,11 @@ def run_plain(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:  #
     return {"times": times, "trained": trained[warmup:], "peak_mb": peak}
 
 
-def child(variant: str, data: str, steps: int, warmup: int) -> dict:
+def child(variant: str, data: str, steps: int, warmup: int, threads: int) -> dict:
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     sys.path.insert(0, str(ROOT))
     # import everything a variant needs before the memory baseline, so imports do not count as training memory
@@ -305,8 +308,8 @@ def child(variant: str, data: str, steps: int, warmup: int) -> dict:
     mem = PeakRSS()
     if variant == "alignkit":
         res = run_alignkit(rows, tok, mdl, steps, warmup, mem)
-    elif variant in ("trl", "trl_pf"):
-        res = run_trl(rows, tok, mdl, steps, warmup, mem, padding_free=variant == "trl_pf")
+    elif variant in ("trl", "trl_pf", "trl_gc"):
+        res = run_trl(rows, tok, mdl, steps, warmup, mem, variant == "trl_pf", checkpointing=variant == "trl_gc")
     elif variant == "plain":
         res = run_plain(rows, tok, mdl, steps, warmup, mem)
     else:
@@ -320,9 +323,23 @@ def child(variant: str, data: str, steps: int, warmup: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def profile_alignkit(data: str, reps: int) -> dict:
+def _median_time(fn, reps: int) -> float:  # noqa: ANN001
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_alignkit(data: str, reps: int, threads: int) -> dict:
+    """Time the parts of one alignkit SFT step (the operations of train_sft's inner loop), then alternatives for
+    the expensive parts on the same tensors. Returns {"parts": {name: s}, "alternatives": {name: s}, ...}."""
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT))
     from alignkit.data.collate import pack_collate, packed_forward_kwargs
     from alignkit.data.tokenize import tokenize_rows
@@ -338,15 +355,12 @@ def profile_alignkit(data: str, reps: int) -> dict:
     chunk = SFTConfig.token_chunk
     backbone, head = mdl.get_decoder(), mdl.get_output_embeddings()
     parts: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        parts.setdefault(k, []).append(v)
+    stamps: list[float] = []
 
     for rep in range(reps + 1):
         t = [time.perf_counter()]
         b = pack_collate(examples)
-        kw = packed_forward_kwargs(b, "sdpa")
-        kw["use_cache"] = False
+        kw = {**packed_forward_kwargs(b, "sdpa"), "use_cache": False}
         labels = b["labels"]
         t.append(time.perf_counter())
         hidden = backbone(**kw).last_hidden_state
@@ -355,8 +369,8 @@ def profile_alignkit(data: str, reps: int) -> dict:
         logps = chunked_token_logps(hidden[:, :-1][sel], head.weight, labels[:, 1:][sel], token_chunk=chunk)["logps"]
         loss = -logps.sum() / sel.sum()
         t.append(time.perf_counter())
-        grad_at_hidden = []
-        hidden.register_hook(lambda g: grad_at_hidden.append(time.perf_counter()))
+        stamps.clear()
+        hidden.register_hook(lambda g: stamps.append(time.perf_counter()))  # grad reaches the backbone output
         loss.backward()
         t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
@@ -365,17 +379,71 @@ def profile_alignkit(data: str, reps: int) -> dict:
         t.append(time.perf_counter())
         if rep == 0:
             continue  # warm-up
-        add("collate", t[1] - t[0])
-        add("backbone forward", t[2] - t[1])
-        add("LM head forward (chunked)", t[3] - t[2])
-        add("LM head backward (recompute tiles)", grad_at_hidden[0] - t[3])
-        add("backbone backward", t[4] - grad_at_hidden[0])
-        add("clip + AdamW", t[5] - t[4])
-        add("total", t[5] - t[0])
+        for name, v in (
+            ("collate", t[1] - t[0]),
+            ("backbone forward", t[2] - t[1]),
+            ("LM head forward (chunked)", t[3] - t[2]),
+            ("LM head backward (recomputes tiles)", stamps[0] - t[3]),
+            ("backbone backward", t[4] - stamps[0]),
+            ("clip + AdamW (make_optimizer)", t[5] - t[4]),
+            ("total", t[5] - t[0]),
+        ):
+            parts.setdefault(name, []).append(v)
+
+    # Alternatives for the expensive parts, on the same shapes.
+    alt: dict[str, float] = {}
+    for p in mdl.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    alt["AdamW step, make_optimizer (for-loop)"] = _median_time(opt.step, reps)
+    fused = torch.optim.AdamW(mdl.parameters(), lr=LR, fused=True)
+    alt["AdamW step, fused=True"] = _median_time(fused.step, reps)
+    mdl.zero_grad(set_to_none=True)
+
+    h = torch.randn(int(sel.sum()), head.weight.shape[1], requires_grad=True)
+    w = head.weight.detach().clone().requires_grad_()
+    tgt = labels[:, 1:][sel]
+
+    def head_chunked() -> None:
+        chunked_token_logps(h, w, tgt, token_chunk=chunk)["logps"].sum().backward()
+        h.grad = w.grad = None
+
+    def head_full() -> None:  # same tokens, logits kept for backward (no recomputation)
+        torch.log_softmax(h @ w.T, dim=-1).gather(1, tgt[:, None]).sum().backward()
+        h.grad = w.grad = None
+
+    alt["LM head fwd+bwd, chunked (trained tokens)"] = _median_time(head_chunked, reps)
+    alt["LM head fwd+bwd, full logits (same tokens)"] = _median_time(head_full, reps)
+
+    def backbone_packed(k: int):  # noqa: ANN202
+        pb = pack_collate(examples * k)
+        pkw = {**packed_forward_kwargs(pb, "sdpa"), "use_cache": False}
+
+        def run() -> None:
+            backbone(**pkw).last_hidden_state.sum().backward()
+            mdl.zero_grad(set_to_none=True)
+
+        return run
+
+    def backbone_per_doc(k: int):  # noqa: ANN202
+        def run() -> None:
+            for e in examples * k:
+                backbone(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).last_hidden_state.sum().backward()
+            mdl.zero_grad(set_to_none=True)
+
+        return run
+
     n_tokens = int(b["input_ids"].numel())
-    n_trained = int(sel.sum())
-    # attention alone: packed row (one causal mask over all documents) vs per-document (what padding does)
-    return {k: statistics.median(v) for k, v in parts.items()} | {"tokens": n_tokens, "trained": n_trained}
+    for k in (1, 4):  # x4: the same documents four times in one row, as a larger pack_tokens would give
+        alt[f"backbone fwd+bwd, {k * n_tokens} tokens in one packed row"] = _median_time(backbone_packed(k), 1)
+        alt[f"backbone fwd+bwd, same {k * n_tokens} tokens one document at a time"] = _median_time(
+            backbone_per_doc(k), 1
+        )
+    return {
+        "parts": {k: statistics.median(v) for k, v in parts.items()},
+        "alternatives": alt,
+        "tokens": n_tokens,
+        "trained": int(sel.sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,18 +482,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=2, help="fresh subprocesses per variant, interleaved")
-    ap.add_argument("--data", choices=("alpaca3", "fastchat", "dolly3"), default="alpaca3")
+    ap.add_argument("--data", choices=("alpaca3", "fastchat", "dolly3"), default="fastchat")
     ap.add_argument("--variants", default="alignkit,trl,plain")
     ap.add_argument("--trl-padding-free", action="store_true", help="also run TRL with padding_free=True")
     ap.add_argument("--profile", action="store_true", help="time the parts of an alignkit step")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per child process (0: torch's default)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.child == "profile":
-        print(json.dumps(profile_alignkit(a.data, a.steps)))
+        print(json.dumps(profile_alignkit(a.data, a.steps, a.threads)))
         return
     if a.child:
-        print(json.dumps(child(a.child, a.data, a.steps, a.warmup)))
+        print(json.dumps(child(a.child, a.data, a.steps, a.warmup, a.threads)))
         return
 
     n_tok, n_trained = check_same_tokens(a.data)
@@ -440,7 +509,8 @@ def main() -> None:
     t_start = time.perf_counter()
     for r in range(a.runs):
         for v in variants:
-            res = _spawn(["--child", v, "--data", a.data, "--steps", str(a.steps), "--warmup", str(a.warmup)])
+            common = ["--data", a.data, "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+            res = _spawn(["--child", v, *common])
             results[v].append(res)
             print(
                 f"  run {r + 1} {v:9s} s/step {[round(x, 2) for x in res['times']]} "
@@ -455,9 +525,8 @@ def main() -> None:
         assert counts == {n_trained}, f"{v}: trained tokens per step {sorted(counts)} != {n_trained}"
         s = statistics.median(times)
         rows[v] = {"s_step": s, "tok_s": n_trained / s, "peak": statistics.median(r["peak_mb"] for r in runs)}
-    print(
-        f"\ntrained tokens per step: {n_trained} in every variant (asserted); wall {time.perf_counter() - t_start:.0f} s"
-    )
+    wall = time.perf_counter() - t_start
+    print(f"\ntrained tokens per step: {n_trained} in every variant (asserted); wall {wall:.0f} s")
     print(f"{'variant':10s} {'s/step':>8s} {'trained tok/s':>14s} {'peak MB':>9s}")
     for v, x in rows.items():
         print(f"{v:10s} {x['s_step']:8.2f} {x['tok_s']:14.0f} {x['peak']:9.0f}")
@@ -473,11 +542,15 @@ def main() -> None:
             print(f"alignkit/{ref}: throughput {thr:.2f}x{goal}; peak memory {memr:.2f}x{mgoal}")
 
     if a.profile:
-        p = _spawn(["--child", "profile", "--data", a.data, "--steps", str(max(2, a.steps))])
-        print(f"\nalignkit step profile ({p.pop('tokens')} tokens in one packed row, {p.pop('trained')} trained):")
-        total = p["total"]
-        for k, v in p.items():
-            print(f"  {k:38s} {v:7.3f} s  {100 * v / total:5.1f}%")
+        args = ["--child", "profile", "--data", a.data, "--steps", str(max(2, a.steps)), "--threads", str(a.threads)]
+        p = _spawn(args)
+        print(f"\nalignkit step profile ({p['tokens']} tokens in one packed row, {p['trained']} trained):")
+        total = p["parts"]["total"]
+        for k, v in p["parts"].items():
+            print(f"  {k:62s} {v:7.3f} s  {100 * v / total:5.1f}%")
+        print("alternatives, same shapes:")
+        for k, v in p["alternatives"].items():
+            print(f"  {k:62s} {v:7.3f} s")
 
 
 if __name__ == "__main__":

@@ -30,20 +30,27 @@ check, runs TRL's same code path with a generation-marked template that puts the
 are (`EXACT_TEMPLATE` below, asserted to render the same text): labels are asserted identical on every
 conversation, and that variant is timed too.
 
-Last measured (2,000 conversations, 562,993 tokens, 2 shared CPU cores under load from other jobs, so
-absolute numbers are noisy; medians of 3; Rust thread pool off):
+Last measured (2026-11-27; 2,000 conversations, 320,214 tokens, 190,457 trained; 2 CPU cores shared with
+other jobs, load average ~5, so wall times swing up to 2x between runs and process CPU time is the steadier
+signal; medians of 3; Rust thread pool off):
 
-| path                                   | median s | conv/s | vs TRL per-example |
-|----------------------------------------|----------|--------|--------------------|
-| alignkit tokenize_rows                 | 2.27     | 881    | 3.5x               |
-| alignkit tokenize_dataset (map)        | 2.81     | 712    | 2.8x               |
-| TRL per-example, shipped template      | 7.95     | 252    | 1.0x               |
-| TRL per-example, alignkit-marked tmpl  | 8.22     | 243    | 1.0x               |
-| TRL SFTTrainer._prepare_dataset (map)  | 9.66     | 207    | 0.8x               |
+| path                                  | wall s | CPU s | conv/s | vs TRL per-example (wall / CPU) |
+|---------------------------------------|--------|-------|--------|---------------------------------|
+| alignkit tokenize_rows                | 2.77   | 1.19  | 722    | 1.64x / 1.86x                   |
+| alignkit tokenize_dataset (map)       | 3.12   | 1.42  | 641    | 1.45x / 1.57x                   |
+| TRL per-example, shipped template     | 4.53   | 2.22  | 441    | 1.00x / 1.00x                   |
+| TRL per-example, alignkit-marked tmpl | 3.67   | 1.81  | 544    | 1.23x / 1.23x                   |
+| TRL SFTTrainer._prepare_dataset (map) | 5.96   | 2.68  | 335    | 0.76x / 0.83x                   |
+| floor: Rust encode_batch of the texts | 1.51   | 0.74  | 1321   | 2.99x / 3.01x                   |
 
-tokenize_dataset vs _prepare_dataset (both datasets.map): 3.4x. Where alignkit's time goes (cProfile):
-the Rust BPE encode ~70-75 %, rendering ~5 %, span -> label mapping ~8 %, the rest row checks and list
-conversions. TRL: Jinja rendering + mask bookkeeping ~55-60 %, the same BPE encode the rest.
+tokenize_dataset vs _prepare_dataset: 1.91x wall, 1.89x CPU. (A previous run: tokenize_rows 1.92x / 1.62x,
+tokenize_dataset 2.06x / 2.41x.) The 2x goal is NOT met by tokenize_rows single-threaded. The Rust BPE
+encode, which both pay, is ~60 % of alignkit's time; rendering is ~3 % unprofiled (0.04 CPU s for all 2,000).
+Most of alignkit's remaining overhead is the per-token label mapping (np.asarray over the offset tuples, the
+cumulative character mask, counting trained tokens twice per row with a Python generator); labels taken from
+`Encoding.char_to_token` at span boundaries instead gave identical labels on all 2,000 rows at 0.71 CPU s,
+against 1.03 for tokenize_rows and 2.2 for TRL, in a separate experiment. TRL: the same encode ~50 %, Jinja
+~20 %, its per-token offsets -> mask loop ~12 %, transformers' per-call overhead the rest.
 """
 
 from __future__ import annotations
@@ -246,6 +253,8 @@ def main() -> None:
             fmt.render(r["messages"]).text
         )
     dataset = datasets.Dataset.from_list(rows)
+    texts = [fmt.render(r["messages"]).text for r in rows]
+    backend = tok.backend_tokenizer
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "alignkit_bench_sft"
 
     turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in rows]
@@ -264,6 +273,8 @@ def main() -> None:
         "TRL per-example, shipped template": lambda: [trl_prepare_example(tok, r, trl_template) for r in rows],
         "TRL per-example, alignkit-marked tmpl": lambda: [trl_prepare_example(tok, r, EXACT_TEMPLATE) for r in rows],
         "TRL SFTTrainer._prepare_dataset (map)": lambda: trl_prepare_dataset(dataset, tok, trl_template, tmp),
+        # Reference, not a pipeline: the Rust BPE alone on the final texts, a floor both paths pay.
+        "floor: Rust encode_batch of the texts": lambda: backend.encode_batch(texts, add_special_tokens=False),
     }
 
     # One checked (untimed, warm-up) run of every variant.

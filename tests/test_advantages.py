@@ -120,6 +120,16 @@ def test_grpo_permutation_equivariant(seed, G, ng, scale):  # §9.14
     torch.testing.assert_close(Ap, A[perm], atol=ATOL, rtol=RTOL)
 
 
+def test_grpo_flat_group_with_inexact_float_mean_is_exactly_zero():
+    xs = torch.linspace(0.01, 3.0, 3000)
+    x = next(v for v in xs if (v + v + v) / 3 != v)  # fp32 round-off: the group mean is not x itself
+    R = torch.stack([x, x, x, x - 1, x, x + 1])
+    for scale in ("group", "batch", "none"):
+        A, _ = grpo_advantages(R, group_size=3, scale=scale)
+        assert torch.equal(A[:3], torch.zeros(3)), scale
+        assert A[3] < 0 < A[5]
+
+
 def test_grpo_singleton_groups_zero():
     A, m = grpo_advantages(torch.tensor([1.0, -2.0, 3.0]), group_size=1)
     assert torch.equal(A, torch.zeros(3))
@@ -302,8 +312,7 @@ def test_reinforce_pp_stats_make_microbatches_exact(seed, B, T):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(B, T, generator=g)
     m = _masks(seed, B, T)
-    A, _ = reinforce_pp_advantages(r, m)
-    _, met = reinforce_pp_advantages(r, m)
+    A, met = reinforce_pp_advantages(r, m)
     # global stats from the full batch, computed by the caller
     G_full = torch.flip(torch.cumsum(torch.flip(torch.where(m, r, 0.0), [1]), 1), [1])
     stats = (G_full[m].mean(), G_full[m].var() if m.sum() > 1 else torch.tensor(0.0))

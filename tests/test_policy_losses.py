@@ -317,6 +317,10 @@ def test_aggregate_formulas():
     assert aggregate(L, m, mode="seq_mean_token_sum", normalizer="local") == 11 / 2
     assert aggregate(L, m, mode="token_sum_constant", normalizer=12.0) == 11 / 12
     assert aggregate(L, m, mode="token_mean", normalizer=torch.tensor(2.0)) == 11 / 2
+    # "local" sequence counts include empty rows (TRL); token counts are clamped at 1
+    empty = torch.zeros_like(m)
+    assert aggregate(L, torch.stack([m[0], empty[1]]), mode="seq_mean_token_mean", normalizer="local") == 1.5 / 2
+    assert aggregate(L, empty, mode="token_mean", normalizer="local") == 0
     with pytest.raises(ValueError):
         aggregate(L, m, mode="token_sum_constant", normalizer="local")
     with pytest.raises(ValueError):
@@ -562,6 +566,7 @@ def test_rollout_is_nan_rollout_is_one_and_metrics():
 @given(seed=seeds, thr=st.floats(-0.5, 0.5), token_adv=st.booleans())
 def test_off_policy_seq_mask(seed, thr, token_adv):  # §9.26
     logp, old, _, A, m = batch(seed, spread=0.5, token_adv=token_adv)
+    A[0] = 0.0  # A = 0 counts as non-negative
     behavior = torch.where(torch.rand(m.shape, generator=torch.Generator().manual_seed(seed)) < 0.2, float("nan"), old)
     keep, _ = off_policy_seq_mask(A, logp, behavior, m, threshold=thr)
     A_bt = A if token_adv else A.unsqueeze(-1).expand_as(keep)

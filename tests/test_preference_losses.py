@@ -545,12 +545,23 @@ def test_normalizer_forms():
         ({"loss_type": "sigmoid_norm"}, "lengths"),
         ({"loss_type": "ipo"}, "lengths"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"beta": 0.0}, "beta"),
     ],
 )
 def test_dpo_errors(kwargs, match):
     p = torch.tensor([-1.0])
     with pytest.raises(ValueError, match=match):
         dpo_loss(p, p, p, p, normalizer=1.0, **kwargs)
+
+
+def test_unpaired_losses_are_reexported_from_preference():
+    from alignkit.losses import preference, unpaired
+
+    names = ("kto_loss", "kto_reference_point", "mismatched_completions", "kto_weight_ratio", "bco_loss", "BCOState")
+    for name in names:
+        assert getattr(preference, name) is getattr(unpaired, name)
+    with pytest.raises(AttributeError):
+        preference.not_a_loss  # noqa: B018
 
 
 def test_shape_errors_and_split_pairs():

@@ -213,6 +213,36 @@ def pack_collate(examples: Sequence[Mapping[str, Any]], *, capacity: int | None 
     return batch
 
 
+def pack_rows(examples: Sequence[Mapping[str, Any]], *, capacity: int, pad_token_id: int) -> dict[str, Any]:
+    """Pack examples into R rows of at most `capacity` tokens (best-fit decreasing), stacked as [R, L].
+
+    Each row is a :func:`pack_collate` row; rows shorter than the longest are filled with one padding
+    "document" (its own restarting positions, labels -100), so no real token attends to it and no loss
+    sees it. Use this on sdpa/eager: attention is dense over a row, so cost grows as R·L², and bounded
+    rows are far cheaper than one [1, ΣL] row. With flash-attention varlen, one row (:func:`pack_collate`)
+    is best.
+
+    Returns ``input_ids``, ``labels``, ``position_ids``, ``document_ids`` [R, L] and ``n_rows``.
+    """
+    bins = pack_best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
+    rows = [pack_collate([examples[i] for i in b]) for b in bins]
+    width = max(r["input_ids"].shape[1] for r in rows)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "labels", "position_ids", "document_ids")}
+    for r in rows:
+        pad = width - r["input_ids"].shape[1]
+        fill = {
+            "input_ids": torch.full((1, pad), pad_token_id),
+            "labels": torch.full((1, pad), IGNORE_INDEX),
+            "position_ids": torch.arange(pad)[None],
+            "document_ids": torch.full((1, pad), int(r["document_ids"].max()) + 1),
+        }
+        for k in out:
+            out[k].append(torch.cat([r[k], fill[k]], dim=1))
+    batch: dict[str, Any] = {k: torch.cat(v) for k, v in out.items()}
+    batch["n_rows"] = len(rows)
+    return batch
+
+
 def block_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """4D mask letting token q see token k iff k <= q and both are in the same document.
 

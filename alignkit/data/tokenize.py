@@ -44,35 +44,46 @@ def tokenizer_switches(tokenizer: Any, fmt: ChatFormat, switches: Mapping[str, A
     return sw
 
 
-def _trainable_char_mask(r: Rendered, messages: Sequence[Mapping], train_on: str, completion_start: int | None):
-    n = len(r.text)
-    mask = np.zeros(n + 1, dtype=np.int32)
+def _trainable_ranges(r: Rendered, train_on: str, completion_start: int | None) -> list[tuple[int, int]]:
+    """Character ranges [start, end) to train on, in order."""
     if train_on == "all":
-        mask[:n] = 1
-    else:
-        spans = r.trainable_spans()
-        if train_on == "last":
-            last = max((s.message_index for s in spans), default=None)
-            spans = [s for s in spans if s.message_index == last]
-        elif train_on == "completion":
-            if completion_start is None:
-                raise ValueError("train_on='completion' needs prompt/completion rows")
-            spans = [s for s in spans if s.message_index is not None and s.message_index >= completion_start]
-        for s in spans:
-            mask[s.start : s.end] = 1
-    # cum[i] = trainable characters before i; a token [a, b) overlaps iff cum[b] - cum[a] > 0
-    return np.concatenate([[0], np.cumsum(mask[:n])])
+        return [(0, len(r.text))]
+    spans = r.trainable_spans()
+    if train_on == "last":
+        last = max((s.message_index for s in spans), default=None)
+        spans = [s for s in spans if s.message_index == last]
+    elif train_on == "completion":
+        if completion_start is None:
+            raise ValueError("train_on='completion' needs prompt/completion rows")
+        spans = [s for s in spans if s.message_index is not None and s.message_index >= completion_start]
+    return [(s.start, s.end) for s in spans]
 
 
-def _labels_from_offsets(input_ids: list[int], offsets: list[tuple[int, int]], cum: np.ndarray) -> list[int]:
+def _labels_by_offsets(ids: list[int], offsets: list[tuple[int, int]], ranges: list[tuple[int, int]], n: int):
+    """General path: a token is trained iff its characters overlap a trainable range."""
+    mask = np.zeros(n + 1, dtype=np.int32)
+    for a, b in ranges:
+        mask[a:b] = 1
+    cum = np.concatenate([[0], np.cumsum(mask[:n])])  # trainable characters before i
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    a = off[:, 0]
-    b = np.maximum(off[:, 1], a + 1)  # zero-width tokens count by the character they sit on
-    b = np.minimum(b, len(cum) - 1)
-    a = np.minimum(a, b)
-    trained = (cum[b] - cum[a]) > 0
-    ids = np.asarray(input_ids, dtype=np.int64)
-    return np.where(trained, ids, IGNORE_INDEX).tolist()
+    lo = off[:, 0]
+    hi = np.minimum(np.maximum(off[:, 1], lo + 1), n)  # zero-width tokens count by the character they sit on
+    lo = np.minimum(lo, hi)
+    return np.where(cum[hi] - cum[lo] > 0, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def _labels(ids: list[int], encoding: Any, ranges: list[tuple[int, int]], n: int) -> list[int]:
+    """Fast path: the first and last token of each range via char_to_token, then one slice copy per range.
+    Falls back to offsets when a boundary character belongs to no token (e.g. normalised-away spaces)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in ranges:
+        if b <= a:
+            continue
+        first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if first is None or last is None:
+            return _labels_by_offsets(ids, encoding.offsets, ranges, n)
+        labels[first : last + 1] = ids[first : last + 1]
+    return labels
 
 
 @dataclass
@@ -80,11 +91,12 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def num_trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+    num_trained_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_trained_tokens < 0:
+            self.num_trained_tokens = len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def as_dict(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "labels": self.labels, "num_trained_tokens": self.num_trained_tokens}
@@ -107,18 +119,14 @@ def _render_sample(sample: Sample, fmt: ChatFormat, sw: dict[str, Any], add_gene
     return fmt.render(sample.messages, add_generation_prompt=add_generation_prompt, **sw)
 
 
-def _plain_text(sample: Sample, tokenizer: Any, train_on: str) -> tuple[str, np.ndarray]:
+def _plain_text(sample: Sample, tokenizer: Any, train_on: str) -> tuple[str, list[tuple[int, int]]]:
     """Plain rows: `text` (all trained) or plain `prompt` + `completion` (+ eos, completion trained)."""
     eos = tokenizer.eos_token or ""
     if sample.prompt is None:
         text = sample.text + eos
-        n_prompt = 0
-    else:
-        text = sample.prompt + sample.text + eos
-        n_prompt = 0 if train_on == "all" else len(sample.prompt)
-    mask = np.zeros(len(text) + 1, dtype=np.int32)
-    mask[n_prompt : len(text)] = 1
-    return text, np.concatenate([[0], np.cumsum(mask[: len(text)])])
+        return text, [(0, len(text))]
+    text = sample.prompt + sample.text + eos
+    return text, [(0 if train_on == "all" else len(sample.prompt), len(text))]
 
 
 def encode_samples(
@@ -138,23 +146,26 @@ def encode_samples(
         raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
-    texts, cums = [], []
+    texts, ranges = [], []
     for k, s in enumerate(samples):
         idx = indices[k] if indices is not None else None
         if s.messages is None:
-            text, cum = _plain_text(s, tokenizer, train_on)
+            text, rng = _plain_text(s, tokenizer, train_on)
         else:
             try:
                 r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
             except TemplateError as e:
                 raise RowError(idx, "messages", f"a conversation chat format {chat_format.name!r} accepts ({e})") from e
-            text, cum = r.text, _trainable_char_mask(r, s.messages, train_on, s.completion_start)
+            text, rng = r.text, _trainable_ranges(r, train_on, s.completion_start)
         texts.append(text)
-        cums.append(cum)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        ranges.append(rng)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=not getattr(tokenizer, "is_fast", False))
     out = []
-    for k, (ids, offs, cum) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], cums)):
-        labels = _labels_from_offsets(ids, offs, cum)
+    for k, ids in enumerate(enc["input_ids"]):
+        if getattr(tokenizer, "is_fast", False):
+            labels = _labels(ids, enc.encodings[k], ranges[k], len(texts[k]))
+        else:
+            labels = _labels_by_offsets(ids, enc["offset_mapping"][k], ranges[k], len(texts[k]))
         idx = indices[k] if indices is not None else None
         ids, labels, cut = _truncate(list(ids), labels, max_length, truncation, idx)
         out.append(Encoded(ids, labels, cut))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alignkit.data.collate import pack_collate, packed_forward_kwargs, pad_collate
+from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.tokenize import tokenize_dataset
 from alignkit.logprobs import model_token_logps
@@ -73,8 +73,14 @@ class SFTConfig:
 
 def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
     if cfg.packing:
-        b = pack_collate(examples)
-        kw = packed_forward_kwargs(b, cfg.attn_implementation or "sdpa")
+        impl = cfg.attn_implementation or "sdpa"
+        # flash varlen: one padding-free row; dense sdpa/eager: rows of at most max_length (cost ~ R·L²)
+        b = (
+            pack_collate(examples)
+            if "flash" in impl
+            else pack_rows(examples, capacity=cfg.max_length, pad_token_id=pad_id)
+        )
+        kw = packed_forward_kwargs(b, impl)
         kw.pop("use_cache", None)
         return {**kw, "labels": b["labels"]}
     b = pad_collate(examples, pad_token_id=pad_id)

@@ -186,6 +186,7 @@ def ratios(
     if level not in RATIO_LEVELS:
         raise ValueError(f"unknown ratio level {level!r}; choose from {sorted(RATIO_LEVELS)}")
     mb = _bool(m)
+    logp = _keep(logp, mb)
     old = logp.detach() if old_logp is None else _keep(old_logp, mb)
     log_ratio = logp - old
     lw = RATIO_LEVELS[level](log_ratio, mb)
@@ -415,9 +416,9 @@ def rollout_is_weights(
     lw = torch.where(scored, raw, 0.0)
     lo = -math.inf if is_low is None else is_low
     hi = math.inf if is_high is None else is_high
-    seq_lw = lw.sum(-1, keepdim=True) if seq_reduce == "sum" else _masked_mean(lw, mb, dim=-1).unsqueeze(-1)
     if seq_reduce not in ("sum", "mean"):
         raise ValueError(f"seq_reduce must be 'sum' or 'mean', got {seq_reduce!r}")
+    seq_lw = lw.sum(-1, keepdim=True) if seq_reduce == "sum" else _masked_mean(lw, mb, dim=-1).unsqueeze(-1)
     if mode == "seq_mask_token_truncate":
         unit_w, units = torch.exp(lw), mb
         keep = ((torch.exp(seq_lw) >= lo) & (torch.exp(seq_lw) <= hi)).expand(mb.shape)

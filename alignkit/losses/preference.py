@@ -4,9 +4,9 @@ Every loss is a pure function of sequence log-probs. Shapes: `P` pairs; policy/r
 tensors (sums over completion tokens unless a loss says "mean"). Each loss returns `(loss, metrics)`: `loss` is a
 0-dim fp32 tensor equal to `Σ(per-pair terms) / normalizer`, `metrics` a dict of detached tensors.
 
-Semantics follow TRL 1.16 except where LOSSES.md §10 says otherwise (cDPO label smoothing for `sigmoid`, the SFT term
-is not scaled by WPO weights). The unpaired losses (KTO, BCO) live in `alignkit.losses.unpaired` and are re-exported
-here.
+Semantics follow TRL 1.16 except where LOSSES.md §10 says otherwise: `sigmoid` uses ε (cDPO; TRL ignores it), and the
+SFT term is a batch-level NLL that WPO pair weights leave alone (TRL 1.16 raises on that combination). The unpaired
+losses (KTO, BCO) live in `alignkit.losses.unpaired` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _cdpo(z: Tensor, eps: float) -> Tensor:
 
 
 @torch.no_grad()
-def reward_metrics(r_c: Tensor, r_r: Tensor, logp_c: Tensor, logp_r: Tensor) -> dict[str, Tensor]:
+def _reward_metrics(r_c: Tensor, r_r: Tensor, logp_c: Tensor, logp_r: Tensor) -> dict[str, Tensor]:
     """Local means of §4.3 (`rewards/*`, `logps/*`) plus `n_pairs`; ties count as wrong."""
     n = r_c.numel()
     denom = max(n, 1)
@@ -278,9 +278,17 @@ LOSS_TYPES = (*DPO_LOSSES, "sft")
 
 
 def _check_dpo_args(
-    types: list[str], weights: list[float], eps: float, f_divergence: str, has_pair_weights: bool, has_sft: bool
+    types: list[str],
+    weights: list[float],
+    beta: float,
+    eps: float,
+    f_divergence: str,
+    has_pair_weights: bool,
+    has_sft: bool,
 ) -> None:
     """Raise the §4.2 errors before any tensor work."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
     if not types:
         raise ValueError("loss_type must name at least one loss")
     unknown = [t for t in types if t not in LOSS_TYPES]
@@ -351,6 +359,7 @@ def dpo_loss(
     _check_dpo_args(
         types,
         weights,
+        beta,
         label_smoothing,
         f_divergence,
         pair_weights is not None,
@@ -374,20 +383,20 @@ def dpo_loss(
     lengths = (chosen_lengths, rejected_lengths)
     n_c, n_r = (None if n is None else n.to(pc.device).float().clamp_min(1.0) for n in lengths)
     terms = PairTerms(
-        pc,
-        pr,
-        rc,
-        rr,
-        h_c,
-        h_r,
-        score(h_c, f_alpha, exp_cap),
-        score(h_r, f_alpha, exp_cap),
-        n_c,
-        n_r,
-        beta,
-        label_smoothing,
-        discopop_tau,
-        ipo_length_normalize,
+        policy_chosen=pc,
+        policy_rejected=pr,
+        ref_chosen=rc,
+        ref_rejected=rr,
+        h_c=h_c,
+        h_r=h_r,
+        s_c=score(h_c, f_alpha, exp_cap),
+        s_r=score(h_r, f_alpha, exp_cap),
+        n_c=n_c,
+        n_r=n_r,
+        beta=beta,
+        eps=label_smoothing,
+        discopop_tau=discopop_tau,
+        ipo_length_normalize=ipo_length_normalize,
     )
     pw = None if pair_weights is None else pair_weights.to(pc.device).float()
 
@@ -404,7 +413,7 @@ def dpo_loss(
         loss = loss + weight * part
         parts[f"loss/{name}"] = part.detach()
 
-    metrics = reward_metrics(beta * h_c.detach(), beta * h_r.detach(), pc, pr)
+    metrics = _reward_metrics(beta * h_c.detach(), beta * h_r.detach(), pc, pr)
     if len(types) > 1:
         metrics.update(parts)
     return loss, metrics
@@ -435,7 +444,7 @@ def simpo_loss(
     c, r = _as_pairs(("chosen_mean_logps", "rejected_mean_logps"), chosen_mean_logps, rejected_mean_logps)
     per_pair = _cdpo(beta * (c - r) - margin, label_smoothing)
     loss = normalize(per_pair.sum(), normalizer, c.numel())
-    return loss, reward_metrics(beta * c.detach(), beta * r.detach(), c, r)
+    return loss, _reward_metrics(beta * c.detach(), beta * r.detach(), c, r)
 
 
 CPO_LOSSES: dict[str, Callable[[Tensor, float, float, float], Tensor]] = {
@@ -479,7 +488,7 @@ def cpo_loss(
         c, r = -torch.expm1(-alpha * c) / alpha, -torch.expm1(-alpha * r) / alpha
     per_pair = CPO_LOSSES[loss_type](c - r, beta, label_smoothing, margin)
     loss = normalize(per_pair.sum(), normalizer, c.numel())
-    metrics = reward_metrics(beta * c.detach(), beta * r.detach(), policy_chosen, policy_rejected)
+    metrics = _reward_metrics(beta * c.detach(), beta * r.detach(), policy_chosen, policy_rejected)
     if nll is not None:
         loss = loss + nll_coef * nll.float()
         metrics["nll"] = nll.detach().float()
@@ -519,7 +528,7 @@ def orpo_loss(
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     log_sig = F.logsigmoid(log_odds)
     loss = nll.float() - beta * normalize(log_sig.sum(), normalizer, c.numel())
-    metrics = reward_metrics(beta * c.detach(), beta * r.detach(), c, r)
+    metrics = _reward_metrics(beta * c.detach(), beta * r.detach(), c, r)
     denom = max(c.numel(), 1)
     metrics["nll"] = nll.detach().float()
     metrics["log_odds_ratio"] = log_sig.detach().sum() / denom

@@ -181,7 +181,7 @@ def prm_loss(
     return loss, metrics
 
 
-def _last_valid(log_s: Tensor, m: Tensor) -> Tensor:
+def _last_valid(log_s: Tensor, m: Tensor, n: Tensor) -> Tensor:
     idx = torch.where(m, torch.arange(m.shape[-1], device=m.device), -1).amax(-1).clamp_min(0)
     return log_s.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from alignkit.templates import (  # noqa: F401
     fmt_chatml,
     fmt_classic,
+    fmt_cohere,
     fmt_deepseek,
     fmt_gemma_phi,
     fmt_llama,

@@ -67,6 +67,7 @@ def _matches(fmt: ChatFormat, template: str, tokens: dict[str, str] | None) -> b
     if "date_string" in fmt.switches:
         kw["date_string"] = PROBE_DATE
     ours_kw = {k: v for k, v in kw.items() if k in fmt.switches}
+    rendered = 0
     for messages, gen in PROBES:
         try:
             want: str | None = _official(template, messages, gen, kw)
@@ -78,7 +79,9 @@ def _matches(fmt: ChatFormat, template: str, tokens: dict[str, str] | None) -> b
             got = None
         if got != want:
             return False
-    return True
+        rendered += want is not None
+    # A format that refuses every probe, like the template does, has shown nothing (e.g. tool-only templates).
+    return rendered > 0
 
 
 def detect_all(tokenizer_or_template: Any) -> list[ChatFormat]:

@@ -13,15 +13,14 @@ counts as header; inserted text the model must produce itself (Qwen3's think blo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from alignkit.templates._common import MISSING, add_turn, after_think, first_message, required, split_think, tojson
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
 
 START, END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = f"{START}assistant\n"
-_MISSING = object()  # a key the template finds undefined
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 QWEN_TOOLS_HEAD = (
@@ -36,38 +35,9 @@ QWEN_TOOLS_TAIL = (
 
 
 # Shared helpers ------------------------------------------------------------------------------------
-def _content(messages: list[dict[str, Any]], i: int) -> str:
-    """messages[i]['content'] where the template concatenates it (a missing one makes Jinja raise)."""
-    if "content" not in messages[i]:
-        raise TemplateError(f"messages[{i}] ({messages[i]['role']}) has no 'content'; the template needs one")
-    return messages[i]["content"]
-
-
-def _first(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """messages[0], which many templates inspect unconditionally (Jinja raises on an empty list)."""
-    if not messages:
-        raise TemplateError("this template cannot render an empty conversation")
-    return messages[0]
-
-
-def _tojson(x: Any) -> str:
-    """Jinja `tojson` as transformers defines it (json.dumps, ensure_ascii=False)."""
-    try:
-        return json.dumps(x, ensure_ascii=False)
-    except TypeError as e:
-        raise TemplateError(f"cannot serialise {x!r} to JSON: {e}") from None
-
-
-def _turn(b: Builder, i: int, role: str, header: str, body: str, end: str = END, tail: str = "\n") -> None:
-    """One message: header + body + end-of-turn + tail; for assistants body+end is trainable."""
-    train = role == "assistant"
-    b.add(header, msg=i, role=role)
-    b.add(body + end, msg=i, role=role, train=train)
-    b.add(tail, msg=i, role=role)
-
-
 def _chatml_turn(b: Builder, i: int, role: str, content: str) -> None:
-    _turn(b, i, role, f"{START}{role}\n", content)
+    """`<|im_start|>role\\ncontent<|im_end|>\\n`; for assistants content + <|im_end|> is trainable."""
+    add_turn(b, i, role, f"{START}{role}\n", content, END, "\n")
 
 
 def _tool_call_turn(b: Builder, i: int, body: str) -> None:
@@ -75,7 +45,7 @@ def _tool_call_turn(b: Builder, i: int, body: str) -> None:
     header = f"{START}assistant"
     if body.startswith("\n"):  # the newline the generation prompt "<|im_start|>assistant\n" already holds
         header, body = header + "\n", body[1:]
-    _turn(b, i, "assistant", header, body)
+    add_turn(b, i, "assistant", header, body, END, "\n")
 
 
 def _function(call: Any, truthy: bool = False) -> Any:
@@ -88,10 +58,10 @@ def _function(call: Any, truthy: bool = False) -> Any:
 def _hermes_call(call: Any, *, raw_string_args: bool, truthy_function: bool = False) -> str:
     """`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` as the Qwen templates write it."""
     fn = _function(call, truthy_function)
-    args = fn.get("arguments", _MISSING) if isinstance(fn, Mapping) else _MISSING
-    if args is _MISSING:
+    args = fn.get("arguments", MISSING) if isinstance(fn, Mapping) else MISSING
+    if args is MISSING:
         raise TemplateError(f"tool call {call!r} has no 'arguments'")
-    args_text = args if raw_string_args and isinstance(args, str) else _tojson(args)
+    args_text = args if raw_string_args and isinstance(args, str) else tojson(args)
     return f'<tool_call>\n{{"name": "{fn.get("name", "")}", "arguments": {args_text}}}\n</tool_call>'
 
 
@@ -118,7 +88,7 @@ class ChatML(ChatFormat):
         if self.default_system is not None and messages and messages[0]["role"] != "system":
             b.add(f"{START}system\n{self.default_system}{END}\n")
         for i, m in enumerate(messages):
-            content = _content(messages, i) if self.strict_content else m.get("content", "")
+            content = required(m, i) if self.strict_content else m.get("content", "")
             _chatml_turn(b, i, m["role"], content)
         if add_generation_prompt:
             b.add(ASSISTANT_HEADER)
@@ -152,24 +122,24 @@ class _Qwen(ChatFormat):
     strict_tools_system = False  # with tools: does the template concatenate (not just print) the system content?
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        has_system = _first(messages)["role"] == "system"
+        has_system = first_message(messages)["role"] == "system"
         tools = sw.get("tools")
         if tools:
             if has_system:
-                system = _content(messages, 0) if self.strict_tools_system else messages[0].get("content", "")
+                system = required(messages[0], 0) if self.strict_tools_system else messages[0].get("content", "")
                 b.add(f"{START}system\n{system}", msg=0, role="system").add("\n\n")
             else:
                 b.add(f"{START}system\n{self.tools_default_prefix}")
-            b.add(QWEN_TOOLS_HEAD + "".join("\n" + _tojson(t) for t in tools) + QWEN_TOOLS_TAIL)
+            b.add(QWEN_TOOLS_HEAD + "".join("\n" + tojson(t) for t in tools) + QWEN_TOOLS_TAIL)
         elif has_system:
-            _chatml_turn(b, 0, "system", _content(messages, 0))
+            _chatml_turn(b, 0, "system", required(messages[0], 0))
         elif self.default_system is not None:
             b.add(f"{START}system\n{self.default_system}{END}\n")
         ctx = self._context(messages)
         for i, m in enumerate(messages):
             role = m["role"]
             if role == "user" or (role == "system" and i > 0):
-                _chatml_turn(b, i, role, _content(messages, i))
+                _chatml_turn(b, i, role, required(m, i))
             elif role == "assistant":
                 self._assistant(b, messages, i, ctx, sw)
             elif role == "tool":
@@ -185,7 +155,7 @@ class _Qwen(ChatFormat):
 
     def _history_content(self, messages: list[dict[str, Any]], i: int) -> str:
         """The assistant content as this template renders it (reasoning removal happens here)."""
-        return _content(messages, i)
+        return required(messages[i], i)
 
     def _assistant(self, b: Builder, messages: list[dict[str, Any]], i: int, ctx: Any, sw: dict) -> None:
         m = messages[i]
@@ -212,11 +182,6 @@ class Qwen25(_Qwen):
     tools_default_prefix = QWEN_SYSTEM + "\n\n"
 
 
-def _after_think(content: str) -> str:
-    """The answer part of `<think>...</think>answer` (Qwen's split on the last </think>)."""
-    return content.split("</think>")[-1].lstrip("\n")
-
-
 @register
 class QwQ(_Qwen):
     name = "qwq"
@@ -225,8 +190,8 @@ class QwQ(_Qwen):
     tools_default_prefix = "\n\n"
 
     def _history_content(self, messages: list[dict[str, Any]], i: int) -> str:
-        content = _content(messages, i)
-        return content if i == len(messages) - 1 else _after_think(content)
+        content = required(messages[i], i)
+        return content if i == len(messages) - 1 else after_think(content)
 
     def _tool_call_content(self, messages: list[dict[str, Any]], i: int) -> str:
         # Reasoning removal splits the content of every turn but the last, so there it must exist.
@@ -248,7 +213,7 @@ class Qwen3(_Qwen):
         """Index of the last real user query (tool results sent as user text do not count)."""
         for i in range(len(messages) - 1, -1, -1):
             if messages[i]["role"] == "user":
-                c = _content(messages, i)
+                c = required(messages[i], i)
                 if not (c.startswith("<tool_response>") and c.endswith("</tool_response>")):
                     return i
         return len(messages) - 1
@@ -259,14 +224,11 @@ class Qwen3(_Qwen):
 
     def _assistant(self, b: Builder, messages: list[dict[str, Any]], i: int, last_query: int, sw: dict) -> None:
         m = messages[i]
-        content = _content(messages, i)
+        content = required(messages[i], i)
         if "reasoning_content" in m:
             reasoning = m["reasoning_content"]
-        elif "</think>" in content:
-            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-            content = _after_think(content)
         else:
-            reasoning = ""
+            reasoning, content = split_think(content)
         header, shown = ASSISTANT_HEADER, content
         if i > last_query and (i == len(messages) - 1 or reasoning):
             think = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
@@ -278,7 +240,7 @@ class Qwen3(_Qwen):
             ("\n" if (k > 0 or content) else "") + _hermes_call(c, raw_string_args=True, truthy_function=True)
             for k, c in enumerate(m.get("tool_calls") or ())
         )
-        _turn(b, i, "assistant", header, shown + calls)
+        add_turn(b, i, "assistant", header, shown + calls, END, "\n")
 
 
 # SmolLM3 -------------------------------------------------------------------------------------------
@@ -308,8 +270,8 @@ class SmolLM3(ChatFormat):
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
         think = bool(sw["enable_thinking"])
         custom = ""
-        if _first(messages)["role"] == "system":
-            system = _content(messages, 0)
+        if first_message(messages)["role"] == "system":
+            system = required(messages[0], 0)
             if "/no_think" in system:
                 think = False
             elif "/think" in system:
@@ -330,9 +292,9 @@ class SmolLM3(ChatFormat):
             if m["role"] == "user":
                 _chatml_turn(b, i, "user", content)
             elif m["role"] == "assistant":
-                _turn(b, i, "assistant", header, content.lstrip("\n"))
+                add_turn(b, i, "assistant", header, content.lstrip("\n"), END, "\n")
             elif m["role"] == "tool":
-                _turn(b, i, "tool", f"{START}user\n", content)
+                add_turn(b, i, "tool", f"{START}user\n", content, END, "\n")
         if add_generation_prompt:
             b.add(header)
 
@@ -352,14 +314,14 @@ class Yi(ChatFormat):
     claims = ("yi",)
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        if _first(messages)["role"] == "system":
+        if first_message(messages)["role"] == "system":
             b.add(messages[0].get("content", ""), msg=0, role="system")
         for i, m in enumerate(messages):
             if m["role"] == "user":
-                b.add(f"{START}user\n{_content(messages, i)}{END}\n", msg=i, role="user")
+                b.add(f"{START}user\n{required(m, i)}{END}\n", msg=i, role="user")
                 b.add(ASSISTANT_HEADER, *_header_owner(messages, i))
             elif m["role"] == "assistant":
-                _turn(b, i, "assistant", "", _content(messages, i))
+                add_turn(b, i, "assistant", "", required(m, i), END, "\n")
 
 
 @register
@@ -371,11 +333,11 @@ class Phi4(ChatFormat):
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
         for i, m in enumerate(messages):
             if m["role"] in ("system", "user"):
-                b.add(f"{START}{m['role']}<|im_sep|>{_content(messages, i)}{END}", msg=i, role=m["role"])
+                b.add(f"{START}{m['role']}<|im_sep|>{required(m, i)}{END}", msg=i, role=m["role"])
                 if m["role"] == "user":
                     b.add(f"{START}assistant<|im_sep|>", *_header_owner(messages, i))
             elif m["role"] == "assistant":
-                _turn(b, i, "assistant", "", _content(messages, i), tail="")
+                add_turn(b, i, "assistant", "", required(m, i), END)
 
 
 # Hermes 3 (tool_use template) ----------------------------------------------------------------------
@@ -397,15 +359,15 @@ _PY_TYPES = {"string": "str", "number": "float", "integer": "int", "boolean": "b
 def _py_type(spec: Any) -> str:
     """The template's json_to_python_type macro, quirks included: its `json_spec|items` yields the spec's
     (key, value) pairs rather than the items schema, so every array renders as list[Union[]]."""
-    t = spec.get("type", _MISSING) if isinstance(spec, Mapping) else _MISSING
+    t = spec.get("type", MISSING) if isinstance(spec, Mapping) else MISSING
     if isinstance(t, str) and t in _PY_TYPES:
         return _PY_TYPES[t]
     if t == "array":
         return "list[Union[]]"
     if t == "object":
-        extra = spec.get("additionalProperties", _MISSING)
-        return "dict" if extra is _MISSING else f"dict[str, {_py_type(extra)}]"
-    if t is _MISSING or t == "":
+        extra = spec.get("additionalProperties", MISSING)
+        return "dict" if extra is MISSING else f"dict[str, {_py_type(extra)}]"
+    if t is MISSING or t == "":
         return "Union[]"  # Jinja's Undefined (like "") is an empty iterable
     if isinstance(t, str):
         raise TemplateError(f"json_to_python_type recurses forever on type {t!r}")
@@ -422,14 +384,14 @@ def _hermes_tool(tool: Any) -> str:
     except (KeyError, TypeError) as e:
         raise TemplateError(f"tool {tool!r} lacks name/description/parameters.properties") from e
     sig = ", ".join(f"{k}: {_py_type(v)}" for k, v in props.items())
-    ret = fn.get("return", _MISSING)
+    ret = fn.get("return", MISSING)
     text = f'{{"type": "function", "function": {{"name": "{name}", "description": "{name}({sig})'
-    text += (f" -> {_py_type(ret)}" if ret is not _MISSING else "") + f" - {desc}\n\n"
+    text += (f" -> {_py_type(ret)}" if ret is not MISSING else "") + f" - {desc}\n\n"
     text += "    Args:\n" if props else ""
     text += "".join(f"        {k}({_py_type(v)}): {str(v.get('description', '')).strip()}" for k, v in props.items())
     if isinstance(ret, Mapping) and "description" in ret:
         text += f"\n    Returns:\n        {ret['description']}"
-    return text + '", "parameters": ' + ("{}" if not props else _tojson(params)) + "}"
+    return text + '", "parameters": ' + ("{}" if not props else tojson(params)) + "}"
 
 
 @register
@@ -447,7 +409,7 @@ class Hermes3ToolUse(ChatFormat):
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m["role"] in ("user", "system") or (m["role"] == "assistant" and "tool_calls" not in m):
-                _chatml_turn(b, i, m["role"], _content(messages, i))
+                _chatml_turn(b, i, m["role"], required(m, i))
             elif m["role"] == "assistant":
                 calls = "".join(f"\n<tool_call>\n{self._call(c)}\n</tool_call>" for c in m["tool_calls"])
                 _tool_call_turn(b, i, calls)
@@ -465,8 +427,8 @@ class Hermes3ToolUse(ChatFormat):
         fn = _function(call)
         if not isinstance(fn, Mapping):
             raise TemplateError(f"tool call {call!r} must be a dict")
-        args = fn.get("arguments", _MISSING)
+        args = fn.get("arguments", MISSING)
         text = f'{{"name": "{fn.get("name", "")}", '
-        if args is not _MISSING:
-            text += '"arguments": ' + (args if isinstance(args, str) else _tojson(args))
+        if args is not MISSING:
+            text += '"arguments": ' + (args if isinstance(args, str) else tojson(args))
         return text + "}"

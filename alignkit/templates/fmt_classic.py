@@ -2,59 +2,24 @@
 
 Several of these official templates have no Jinja whitespace control, so their layout (indentation, blank
 lines between `{% %}` tags) ends up in the output; the constants below reproduce it character for character.
-
-Also home of the small helpers the other hand-written formats share (`add_turn`, `content_of`, ...).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
-
-ALTERNATION_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
-
-
-# Shared helpers -------------------------------------------------------------------------------------
-def add_turn(b: Builder, i: int, role: str, head: str, body: str, end: str = "", tail: str = "") -> None:
-    """Append message `i` as `head + body + end + tail`.
-
-    For an assistant message `body + end` (the rendered content and its end-of-turn marker) is trainable;
-    the header and whatever follows the marker are not. Other roles are one untrained piece.
-    """
-    if role == "assistant":
-        b.add(head, msg=i, role=role)
-        b.add(body + end, msg=i, role=role, train=True)
-        b.add(tail, msg=i, role=role)
-    else:
-        b.add(head + body + end + tail, msg=i, role=role)
-
-
-def content_of(m: Mapping[str, Any], i: int) -> str:
-    """Content that the template joins with `+`: Jinja raises on a missing value, and so do we."""
-    if "content" not in m:
-        raise TemplateError(f"messages[{i}] ({m['role']}) has no 'content'; this template needs a string")
-    return m["content"]
-
-
-def first_role(messages: list[dict[str, Any]]) -> str:
-    """Role of messages[0], which these templates read unconditionally (Jinja fails on an empty list)."""
-    if not messages:
-        raise TemplateError("messages is empty; this template needs at least one message")
-    return messages[0]["role"]
-
-
-def check_alternation(messages: list[dict[str, Any]]) -> None:
-    """The templates' test `(role == 'user') != (index % 2 == 0)`: users on even positions, never on odd.
-
-    Any non-user role passes on an odd position (as in the official templates).
-    """
-    for k, m in enumerate(messages):
-        if (m["role"] == "user") != (k % 2 == 0):
-            raise TemplateError(ALTERNATION_ERROR)
+from alignkit.templates._common import (
+    add_turn,
+    check_alternation,
+    first_message,
+    lookup,
+    printed,
+    required,
+    template_date,
+    tojson,
+)
+from alignkit.templates.base import Builder, ChatFormat, register
 
 
 # Zephyr / Falcon-2 / OLMo-2: "<tag>content[eos]\n" per message ---------------------------------------
@@ -79,7 +44,7 @@ class _TaggedTurns(ChatFormat):
             if role in self.tags:
                 end = sw["eos_token"] if role in self.eos_roles else ""
                 newline = "" if (role == "assistant" and last and not self.last_assistant_newline) else "\n"
-                add_turn(b, i, role, self.tags[role], content_of(m, i), end, newline)
+                add_turn(b, i, role, self.tags[role], required(m, i), end, newline)
             if last and add_generation_prompt:
                 b.add(self.generation)
 
@@ -133,7 +98,7 @@ class _CommunityLayout(ChatFormat):
     switches = {"bos_token": "<s>", "eos_token": "</s>"}
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        has_system = first_role(messages) == "system"
+        has_system = first_message(messages)["role"] == "system"
         loop = messages[1:] if has_system else messages
         check_alternation(loop)
         b.add("\n" + sw["bos_token"])
@@ -210,25 +175,9 @@ _G_HALLUCINATIONS = (
 _G_EOT = "<|end_of_text|>"
 
 
-def granite_date(value: str | _dt.date | None) -> str:
-    """The date as Granite's template prints it (strftime "%B %d, %Y", e.g. "July 26, 2024").
-
-    None means today (what the template's strftime_now does). A date is formatted; a string in alignkit's
-    Llama-style "%d %b %Y" ("26 Jul 2024") is reformatted; any other string is used verbatim.
-    """
-    if value is None:
-        value = _dt.datetime.now()
-    if isinstance(value, _dt.date):
-        return value.strftime("%B %d, %Y")
-    try:
-        return _dt.datetime.strptime(value, "%d %b %Y").strftime("%B %d, %Y")
-    except ValueError:
-        return value
-
-
 def _granite_default_system(sw: dict) -> str:
     tools, docs, controls = sw["tools"], sw["documents"], sw["controls"] or ()
-    today = granite_date(sw["date_string"])
+    today = template_date(sw["date_string"], "%B %d, %Y")  # "July 26, 2024"
     text = f"Knowledge Cutoff Date: April 2024. Today's Date: {today}. You are Granite, developed by IBM."
     if tools and docs:
         text += _G_TOOLS + _G_DOCS
@@ -259,27 +208,22 @@ class Granite3(ChatFormat):
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
         head = "<|start_of_role|>{}<|end_of_role|>".format
-        if first_role(messages) == "system":
-            b.add(head("system") + content_of(messages[0], 0) + _G_EOT + "\n", msg=0, role="system")
+        if first_message(messages)["role"] == "system":
+            b.add(head("system") + required(messages[0], 0) + _G_EOT + "\n", msg=0, role="system")
             offset = 1
         else:
             b.add(head("system") + _granite_default_system(sw) + _G_EOT + "\n")
             offset = 0
         if sw["tools"]:
-            b.add(head("available_tools") + json.dumps(sw["tools"], ensure_ascii=False, indent=4) + _G_EOT + "\n")
+            b.add(head("available_tools") + tojson(sw["tools"], indent=4) + _G_EOT + "\n")
         for doc in sw["documents"] or ():
-            doc_id, text = _jinja_str(doc, "doc_id"), _jinja_str(doc, "text")
+            doc_id, text = printed(lookup(doc, "doc_id")), printed(lookup(doc, "text"))
             b.add(head('document {"document_id": "' + doc_id + '"}') + "\n" + text + _G_EOT + "\n")
         loop = messages[offset:]
         for k, m in enumerate(loop):
             i = k + offset
-            add_turn(b, i, m["role"], head(m["role"]), content_of(m, i), _G_EOT, "\n")
+            add_turn(b, i, m["role"], head(m["role"]), required(m, i), _G_EOT, "\n")
             if k == len(loop) - 1 and add_generation_prompt:
                 controls = sw["controls"]
-                extra = " " + json.dumps(controls, ensure_ascii=False) if controls else ""
+                extra = " " + tojson(controls) if controls else ""
                 b.add("<|start_of_role|>assistant" + extra + "<|end_of_role|>")
-
-
-def _jinja_str(d: Mapping[str, Any], key: str) -> str:
-    """`d[key]` as Jinja prints it: str() of the value, "" when the key is missing."""
-    return str(d[key]) if key in d else ""

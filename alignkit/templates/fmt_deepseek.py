@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from alignkit.templates._common import add_turn, required
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -25,13 +26,6 @@ CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end
 CALL_BEGIN, CALL_END, CALL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-
-
-def _content(m: dict[str, Any], i: int) -> str:
-    """The message content; the templates fail on a missing one (str + Undefined)."""
-    if "content" not in m:
-        raise TemplateError(f"messages[{i}] ({m['role']}) has no content; the DeepSeek template requires it")
-    return m["content"]
 
 
 def _str_field(value: Any, what: str, i: int) -> str:
@@ -56,7 +50,7 @@ def _system_prompt(b: Builder, messages: list[dict[str, Any]], join: str | None)
             b.add(messages[systems[-1]].get("content", ""), msg=systems[-1], role="system")
         return
     for k, i in enumerate(systems):
-        b.add((join if k else "") + _content(messages[i], i), msg=i, role="system")
+        b.add((join if k else "") + required(messages[i], i), msg=i, role="system")
 
 
 @register
@@ -73,12 +67,11 @@ class DeepSeekV2(ChatFormat):
         for i, m in enumerate(messages):
             role = m["role"]
             if role == "user":
-                b.add("User: " + _content(m, i) + "\n\n", msg=i, role=role)
+                b.add("User: " + required(m, i) + "\n\n", msg=i, role=role)
             elif role == "assistant":
-                b.add("Assistant: ", msg=i, role=role)
-                b.add(_content(m, i) + sw["eos_token"], msg=i, role=role, train=True)
+                add_turn(b, i, role, "Assistant: ", required(m, i), sw["eos_token"])
             elif role == "system":
-                b.add(_content(m, i) + "\n\n", msg=i, role=role)
+                b.add(required(m, i) + "\n\n", msg=i, role=role)
             # tool messages: the template has no branch for them
         if add_generation_prompt:
             b.add("Assistant:")
@@ -106,12 +99,12 @@ class _BarFormat(ChatFormat):
             role = m["role"]
             if role == "user":
                 is_tool = False
-                b.add(USER + _content(m, i), msg=i, role=role)
+                b.add(USER + required(m, i), msg=i, role=role)
             elif role == "assistant" and self.tool_calls and "tool_calls" in m:
                 is_tool = False
                 first_call = self._render_calls(b, i, m, first_call)
             elif role == "assistant":
-                content = _content(m, i)
+                content = required(m, i)
                 if is_tool:
                     is_tool = False
                     b.add(OUTPUTS_END, msg=i, role=role)
@@ -124,7 +117,7 @@ class _BarFormat(ChatFormat):
                 is_tool = True
                 opener = OUTPUTS_BEGIN if first_output else self.output_sep
                 first_output = False
-                b.add(opener + OUTPUT_BEGIN + _content(m, i) + OUTPUT_END, msg=i, role=role)
+                b.add(opener + OUTPUT_BEGIN + required(m, i) + OUTPUT_END, msg=i, role=role)
         if is_tool:
             b.add(OUTPUTS_END + self.tail)
         if add_generation_prompt and not is_tool:
@@ -140,7 +133,7 @@ class _BarFormat(ChatFormat):
             call = CALL_BEGIN + kind + CALL_SEP + fn_name + "\n```json\n" + args + "\n```" + CALL_END
             if first_call:
                 b.add(ASSISTANT, msg=i, role="assistant")
-                b.add(_content(m, i) + CALLS_BEGIN + call, msg=i, role="assistant", train=True)
+                b.add(required(m, i) + CALLS_BEGIN + call, msg=i, role="assistant", train=True)
                 first_call = False
             else:
                 b.add("\n" + call, msg=i, role="assistant", train=True)
@@ -214,14 +207,14 @@ class DeepSeekV31(ChatFormat):
             role = m["role"]
             if role == "user":
                 is_tool, last_user = False, True
-                b.add(USER + _content(m, i), msg=i, role=role)
+                b.add(USER + required(m, i), msg=i, role=role)
             elif role == "assistant" and "tool_calls" in m:
                 if last_user:
                     b.add(ASSISTANT + "</think>", msg=i, role=role)
                 is_tool = last_user = False
                 for k, tc in enumerate(m["tool_calls"]):
                     _, fn_name, args = _call_parts(tc, i)
-                    head = _content(m, i) + CALLS_BEGIN if k == 0 else ""
+                    head = required(m, i) + CALLS_BEGIN if k == 0 else ""
                     b.add(head + CALL_BEGIN + fn_name + CALL_SEP + args + CALL_END, msg=i, role=role, train=True)
                 b.add(CALLS_END + EOS, msg=i, role=role, train=True)
             elif role == "assistant":
@@ -229,7 +222,7 @@ class DeepSeekV31(ChatFormat):
                     think = "<think>" if m.get("prefix") and thinking else "</think>"
                     b.add(ASSISTANT + think, msg=i, role=role)
                 last_user = False
-                content = _content(m, i)
+                content = required(m, i)
                 if is_tool:
                     is_tool = False
                 elif "</think>" in content:
@@ -237,6 +230,6 @@ class DeepSeekV31(ChatFormat):
                 b.add(content + EOS, msg=i, role=role, train=True)
             elif role == "tool":
                 is_tool, last_user = True, False
-                b.add(OUTPUT_BEGIN + _content(m, i) + OUTPUT_END, msg=i, role=role)
+                b.add(OUTPUT_BEGIN + required(m, i) + OUTPUT_END, msg=i, role=role)
         if add_generation_prompt and last_user and not is_tool:
             b.add(ASSISTANT + ("<think>" if thinking else "</think>"))

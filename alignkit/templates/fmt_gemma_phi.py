@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from alignkit.templates._common import add_turn, check_alternation, first_message, required
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
-from alignkit.templates.fmt_classic import add_turn, check_alternation, content_of, first_role
 
 
 # Gemma --------------------------------------------------------------------------------------------
@@ -20,7 +20,7 @@ class Gemma(ChatFormat):
     system_error = "System role not supported"
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        if first_role(messages) == "system":
+        if first_message(messages)["role"] == "system":
             raise TemplateError(self.system_error)
         check_alternation(messages)
         b.add(sw["bos_token"])
@@ -75,7 +75,7 @@ class Phi3(ChatFormat):
             role = m["role"]
             if role not in _PHI_ROLES or (self.skip_empty_system and role == "system" and not m.get("content")):
                 continue
-            add_turn(b, i, role, f"<|{role}|>\n", content_of(m, i), "<|end|>", "\n")
+            add_turn(b, i, role, f"<|{role}|>\n", required(m, i), "<|end|>", "\n")
         # The trailing eos closes the document, not a turn: not trained on.
         b.add("<|assistant|>\n" if add_generation_prompt else sw["eos_token"])
 
@@ -102,7 +102,7 @@ class Phi3April(ChatFormat):
         b.add(sw["bos_token"])
         for i, m in enumerate(messages):
             if m["role"] == "user":
-                b.add("<|user|>\n" + content_of(m, i) + "<|end|>\n", msg=i, role="user")
+                b.add("<|user|>\n" + required(m, i) + "<|end|>\n", msg=i, role="user")
                 # The header the user turn emits belongs to the assistant reply when there is one; otherwise
                 # it acts as the generation prompt.
                 if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant":
@@ -110,4 +110,4 @@ class Phi3April(ChatFormat):
                 else:
                     b.add("<|assistant|>\n")
             elif m["role"] == "assistant":
-                add_turn(b, i, "assistant", "", content_of(m, i), "<|end|>", "\n")
+                add_turn(b, i, "assistant", "", required(m, i), "<|end|>", "\n")

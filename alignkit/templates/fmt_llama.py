@@ -8,13 +8,19 @@ are easy to get wrong (where `.strip()` applies, which message a default text be
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Any
 
+from alignkit.templates._common import (
+    ALTERNATION_ERROR,
+    LLAMA_DATE,
+    add_turn,
+    first_message,
+    required,
+    template_date,
+    tojson,
+)
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
 
-ALTERNATION = "Conversation roles must alternate user/assistant/user/assistant/..."
 NO_FIRST_USER = "Cannot put tools in the first user message when there's no first user message!"
 SINGLE_TOOL_CALL = "This model only supports single tool-calls at once!"
 TOOLS_PREAMBLE = (
@@ -31,21 +37,6 @@ TOOLS_IN_USER = (
 )
 
 
-def _need(m: dict[str, Any], i: int, key: str = "content") -> Any:
-    """`m[key]`, raising where the template would concatenate an undefined value."""
-    if key not in m:
-        raise TemplateError(f"messages[{i}] has no {key!r}, which this template requires")
-    return m[key]
-
-
-def _tojson(x: Any, indent: int | None = None) -> str:
-    """transformers' `tojson` filter (no HTML escaping, non-ASCII kept)."""
-    try:
-        return json.dumps(x, ensure_ascii=False, indent=indent)
-    except TypeError as e:
-        raise TemplateError(f"cannot render {type(x).__name__} as JSON: {e}") from None
-
-
 def _function(call: Any, i: int) -> dict[str, Any]:
     """The `function` dict of one OpenAI-style tool call, with the keys the templates read."""
     fn = call.get("function") if isinstance(call, dict) else None
@@ -56,7 +47,7 @@ def _function(call: Any, i: int) -> dict[str, Any]:
 
 def _tool_defs(tools: Any) -> str:
     """Each tool as indented JSON followed by a blank line (`t | tojson(indent=4)`)."""
-    return "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
+    return "".join(tojson(t, indent=4) + "\n\n" for t in tools)
 
 
 def _strip_joined(b: Builder, pieces: list[tuple[str, int | None, str | None]]) -> None:
@@ -84,27 +75,24 @@ class Llama2(ChatFormat):
     switches = {"bos_token": "<s>", "eos_token": "</s>"}
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        if not messages:
-            raise TemplateError("llama-2 needs at least one message")
-        start = 1 if messages[0]["role"] == "system" else 0
+        start = 1 if first_message(messages)["role"] == "system" else 0
         for k, m in enumerate(messages[start:]):
             i, role = start + k, m["role"]
             if (role == "user") != (k % 2 == 0):
-                raise TemplateError(ALTERNATION)
+                raise TemplateError(ALTERNATION_ERROR)
             if role not in ("user", "assistant"):
                 continue  # a system/tool message in an assistant slot renders nothing
             if role == "user":
                 b.add(sw["bos_token"])
                 b.add("[INST] ", msg=i, role=role)
-                pieces = [(_need(m, i), i, role)]
+                pieces = [(required(m, i), i, role)]
                 if k == 0 and start:
-                    sys_block = "<<SYS>>\n" + _need(messages[0], 0) + "\n<</SYS>>\n\n"
+                    sys_block = "<<SYS>>\n" + required(messages[0], 0) + "\n<</SYS>>\n\n"
                     pieces.insert(0, (sys_block, 0, "system"))
                 _strip_joined(b, pieces)
                 b.add(" [/INST]", msg=i, role=role)
             else:
-                b.add(" ", msg=i, role=role)
-                b.add(_need(m, i).strip() + " " + sw["eos_token"], msg=i, role=role, train=True)
+                add_turn(b, i, role, " ", required(m, i).strip(), " " + sw["eos_token"])
         # add_generation_prompt has no effect: the prompt already ends with [/INST].
 
 
@@ -120,9 +108,9 @@ class Llama3(ChatFormat):
             b.add(sw["bos_token"])
         for i, m in enumerate(messages):
             role = m["role"]
-            b.add(f"<|start_header_id|>{role}<|end_header_id|>\n\n", msg=i, role=role)
             # `content | trim` of a missing content is "" (the filter stringifies Undefined).
-            b.add(m.get("content", "").strip() + "<|eot_id|>", msg=i, role=role, train=role == "assistant")
+            header = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+            add_turn(b, i, role, header, m.get("content", "").strip(), "<|eot_id|>")
         if add_generation_prompt:
             b.add("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
@@ -146,15 +134,13 @@ class _LlamaToolsBase(ChatFormat):
     def _tool_result(self, b: Builder, i: int, m: dict[str, Any]) -> None:
         # `content is mapping or content is iterable` is true for a string too, so it is JSON-quoted.
         b.add(self._h("ipython"), msg=i, role="tool")
-        b.add(_tojson(_need(m, i)) + self.eot, msg=i, role="tool")
+        b.add(tojson(required(m, i)) + self.eot, msg=i, role="tool")
 
     def _render(self, b: Builder, messages: list[dict[str, Any]], add_generation_prompt: bool, sw: dict) -> None:
-        if not messages:
-            raise TemplateError(f"{self.name} needs at least one message")
         b.add(sw["bos_token"])
         system = None
         start = 0
-        if messages[0]["role"] == "system":
+        if first_message(messages)["role"] == "system":
             system, start = self._system_text(messages[0]), 1
         self._system_block(b, system, sw)
 
@@ -197,7 +183,8 @@ class Llama31(_LlamaToolsBase):
     }
 
     def _date(self, sw: dict) -> str:
-        return "26 Jul 2024" if sw["date_string"] is None else sw["date_string"]
+        # The 3.1 / 3.3 templates default to a fixed date, not today.
+        return "26 Jul 2024" if sw["date_string"] is None else template_date(sw["date_string"], LLAMA_DATE, parse=())
 
     def _system_block(self, b: Builder, system: str | None, sw: dict) -> None:
         owner = {"msg": 0, "role": "system"} if system is not None else {}
@@ -214,25 +201,22 @@ class Llama31(_LlamaToolsBase):
 
     def _message(self, b: Builder, i: int, m: dict[str, Any], sw: dict) -> None:
         role = m["role"]
-        train = role == "assistant"
         if "tool_calls" not in m:
-            b.add(self._h(role), msg=i, role=role)
-            b.add(m.get("content", "").strip() + self.eot, msg=i, role=role, train=train)
+            add_turn(b, i, role, self._h(role), m.get("content", "").strip(), self.eot)
             return
         if len(m["tool_calls"]) != 1:
             raise TemplateError(SINGLE_TOOL_CALL)
         fn = _function(m["tool_calls"][0], i)
         builtin = sw.get("builtin_tools")
-        b.add(self._h("assistant"), msg=i, role=role)
         if builtin is not None and fn["name"] in builtin:
             args = fn["arguments"]
             if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
                 raise TemplateError(f"messages[{i}]: built-in tool call arguments must be a dict of strings")
             call = "<|python_tag|>" + fn["name"] + ".call(" + ", ".join(f'{k}="{v}"' for k, v in args.items()) + ")"
         else:
-            call = '{"name": "' + fn["name"] + '", "parameters": ' + _tojson(fn["arguments"]) + "}"
+            call = '{"name": "' + fn["name"] + '", "parameters": ' + tojson(fn["arguments"]) + "}"
         # Built-in tool mode ends a tool call with <|eom_id|> (the model expects a result back).
-        b.add(call + ("<|eom_id|>" if builtin is not None else self.eot), msg=i, role=role, train=train)
+        add_turn(b, i, role, self._h("assistant"), call, "<|eom_id|>" if builtin is not None else self.eot)
 
 
 @register
@@ -244,7 +228,7 @@ class Llama32(Llama31):
 
     def _date(self, sw: dict) -> str:
         # The template calls strftime_now("%d %b %Y") when no date_string is given.
-        return datetime.now().strftime("%d %b %Y") if sw["date_string"] is None else sw["date_string"]
+        return template_date(sw["date_string"], LLAMA_DATE, parse=())
 
 
 @register
@@ -265,7 +249,7 @@ class Llama4(_LlamaToolsBase):
 
     @staticmethod
     def _system_text(m: dict[str, Any]) -> str:
-        return _need(m, 0).strip()
+        return required(m, 0).strip()
 
     def _system_block(self, b: Builder, system: str | None, sw: dict) -> None:
         if system is None:
@@ -280,19 +264,16 @@ class Llama4(_LlamaToolsBase):
 
     def _message(self, b: Builder, i: int, m: dict[str, Any], sw: dict) -> None:
         role = m["role"]
-        train = role == "assistant"
         # Unlike Llama 3.x, Llama 4 keeps message content as is (no trim).
         if "tool_calls" not in m:
-            b.add(self._h(role), msg=i, role=role)
-            b.add(m.get("content", "") + self.eot, msg=i, role=role, train=train)
+            add_turn(b, i, role, self._h(role), m.get("content", ""), self.eot)
         elif m["tool_calls"]:
             calls = "".join(
-                '{"name": "' + fn["name"] + '", "parameters": ' + _tojson(fn["arguments"]) + "}"
+                '{"name": "' + fn["name"] + '", "parameters": ' + tojson(fn["arguments"]) + "}"
                 for fn in (_function(c, i) for c in m["tool_calls"])
             )
-            b.add(self._h("assistant"), msg=i, role=role)
-            text = "<|python_start|>" + m.get("content", "") + "<|python_end|>" + calls + self.eot
-            b.add(text, msg=i, role=role, train=train)
+            text = "<|python_start|>" + m.get("content", "") + "<|python_end|>" + calls
+            add_turn(b, i, role, self._h("assistant"), text, self.eot)
         elif role == "tool":
             self._tool_result(b, i, m)
         # An empty tool_calls list on a non-tool message renders nothing at all.

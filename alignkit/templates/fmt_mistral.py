@@ -13,13 +13,19 @@ templates do them):
 
 from __future__ import annotations
 
-import json
-from datetime import date, datetime
 from typing import Any
 
+from alignkit.templates._common import (
+    ALTERNATION_ERROR,
+    add_turn,
+    check_alternation,
+    first_message,
+    required,
+    template_date,
+    tojson,
+)
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
 
-ALTERNATION = "Conversation roles must alternate user/assistant/user/assistant/..."
 ALTERNATION_AFTER_SYSTEM = (
     "After the optional system message, conversation roles must alternate user/assistant/user/assistant/..."
 )
@@ -71,21 +77,6 @@ Always prioritize using tools to provide the most accurate and helpful response.
 the user that you cannot perform the requested action at the moment."""
 
 
-def _need(m: dict[str, Any], i: int, key: str = "content") -> Any:
-    """`m[key]`, raising where the template would concatenate an undefined value."""
-    if key not in m:
-        raise TemplateError(f"messages[{i}] has no {key!r}, which this template requires")
-    return m[key]
-
-
-def _tojson(x: Any) -> str:
-    """transformers' `tojson` filter (no HTML escaping, non-ASCII kept)."""
-    try:
-        return json.dumps(x, ensure_ascii=False)
-    except TypeError as e:
-        raise TemplateError(f"cannot render {type(x).__name__} as JSON: {e}") from None
-
-
 def _call_id(x: dict[str, Any], key: str) -> str:
     """A tool call id as the v3/v7 templates require it: a 9-character string."""
     v = x.get(key) if isinstance(x, dict) else None
@@ -101,22 +92,10 @@ def _function(call: Any) -> dict[str, Any]:
     return fn
 
 
-def _check_alternation(loop: list[dict[str, Any]], skip) -> None:  # noqa: ANN001 - skip: message -> bool
-    """The v3/v7 check: user/assistant alternate, tool results and tool-call messages do not count."""
-    k = 0
-    for m in loop:
-        if skip(m):
-            continue
-        if (m["role"] == "user") != (k % 2 == 0):
-            raise TemplateError(ALTERNATION_AFTER_SYSTEM)
-        k += 1
-
-
 def _split_system(messages: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:
     """(the leading system message or None, index of the first other message)."""
-    if not messages:
-        raise TemplateError("this template needs at least one message")
-    return (messages[0], 1) if messages[0]["role"] == "system" else (None, 0)
+    first = first_message(messages)
+    return (first, 1) if first["role"] == "system" else (None, 0)
 
 
 class _MistralV1(ChatFormat):
@@ -130,12 +109,11 @@ class _MistralV1(ChatFormat):
         for i, m in enumerate(messages):
             role = m["role"]
             if (role == "user") != (i % 2 == 0):
-                raise TemplateError(ALTERNATION)  # a leading system message fails here, like the template
+                raise TemplateError(ALTERNATION_ERROR)  # a leading system message fails here, like the template
             if role == "user":
-                b.add("[INST] " + _need(m, i) + " [/INST]", msg=i, role=role)
+                b.add("[INST] " + required(m, i) + " [/INST]", msg=i, role=role)
             elif role == "assistant":
-                b.add(_need(m, i) + sw["eos_token"], msg=i, role=role, train=True)
-                b.add(self.after_eos, msg=i, role=role)
+                add_turn(b, i, role, "", required(m, i), sw["eos_token"], self.after_eos)
             else:
                 raise TemplateError(ONLY_USER_ASSISTANT)
 
@@ -174,10 +152,9 @@ class MistralV02(ChatFormat):
                 # A system message without content leaves `system_message` undefined: nothing is prepended.
                 if k == 0 and system is not None and "content" in system:
                     b.add(system["content"] + "\n\n", msg=0, role="system")
-                b.add(_need(m, i) + " [/INST]", msg=i, role=role)
+                b.add(required(m, i) + " [/INST]", msg=i, role=role)
             elif role == "assistant":
-                b.add(" ", msg=i, role=role)
-                b.add(_need(m, i) + sw["eos_token"], msg=i, role=role, train=True)
+                add_turn(b, i, role, " ", required(m, i), sw["eos_token"])
             else:
                 raise TemplateError(ONLY_USER_ASSISTANT_SYSTEM)
 
@@ -196,7 +173,7 @@ class _MistralV3(ChatFormat):
         for tool in tools:
             fn = _function(tool)
             fields = [
-                f'"{key}": "{val}"' if isinstance(val, str) else f'"{key}": {_tojson(val)}'
+                f'"{key}": "{val}"' if isinstance(val, str) else f'"{key}": {tojson(val)}'
                 for key, val in fn.items()
                 if key != "return"
             ]
@@ -207,7 +184,7 @@ class _MistralV3(ChatFormat):
         out = f"[TOOL_CALLS]{self.sp}["
         for n, call in enumerate(calls):
             # tojson of the function dict without its closing brace, then the id appended inside it.
-            out += _tojson(_function(call))[:-1] + ', "id": "' + _call_id(call, "id") + '"}'
+            out += tojson(_function(call))[:-1] + ', "id": "' + _call_id(call, "id") + '"}'
             out += ", " if n < len(calls) - 1 else "]" + eos
         return out
 
@@ -216,7 +193,7 @@ class _MistralV3(ChatFormat):
         loop = messages[start:]
         tools = sw.get("tools")
         users = [m for m in loop if m["role"] == "user"]
-        _check_alternation(loop, lambda m: m["role"] == "tool" or "tool_calls" in m)
+        check_alternation(loop, ALTERNATION_AFTER_SYSTEM, skip=lambda m: m["role"] == "tool" or "tool_calls" in m)
         b.add(sw["bos_token"])
         for k, m in enumerate(loop):
             i, role = start + k, m["role"]
@@ -228,16 +205,14 @@ class _MistralV3(ChatFormat):
                 # The system prompt goes only in front of a user message that is the very last message.
                 if k == len(loop) - 1 and system is not None and "content" in system:
                     b.add(system["content"] + "\n\n", msg=0, role="system")
-                b.add(_need(m, i) + "[/INST]", msg=i, role=role)
+                b.add(required(m, i) + "[/INST]", msg=i, role=role)
             elif "tool_calls" in m:
                 b.add(self._tool_calls(m["tool_calls"], sw["eos_token"]), msg=i, role=role, train=role == "assistant")
             elif role == "assistant":
-                if self.trim_assistant:
-                    b.add(" ", msg=i, role=role)
-                    content = m.get("content", "").strip()  # `| trim` of an undefined content is ""
+                if self.trim_assistant:  # `| trim` of an undefined content is ""
+                    add_turn(b, i, role, " ", m.get("content", "").strip(), sw["eos_token"])
                 else:
-                    content = _need(m, i)
-                b.add(content + sw["eos_token"], msg=i, role=role, train=True)
+                    add_turn(b, i, role, "", required(m, i), sw["eos_token"])
             elif role == "tool":
                 text = f'[TOOL_RESULTS]{self.sp}{{"content": ' + m.get("content", "") + ", "
                 text += '"call_id": "' + _call_id(m, "tool_call_id") + '"}[/TOOL_RESULTS]'
@@ -262,22 +237,6 @@ class MistralNemo(_MistralV3):
     trim_assistant = False
 
 
-def _iso_date(date_string: Any) -> str:
-    """Today's date as Mistral Small writes it (YYYY-MM-DD).
-
-    None means today (the template calls strftime_now). A date / datetime is formatted; a string in the
-    Llama-style "26 Jul 2024" form is converted; any other string is used verbatim.
-    """
-    if date_string is None:
-        return datetime.now().strftime("%Y-%m-%d")
-    if isinstance(date_string, date):
-        return date_string.strftime("%Y-%m-%d")
-    try:
-        return datetime.strptime(date_string, "%d %b %Y").strftime("%Y-%m-%d")
-    except ValueError:
-        return str(date_string)
-
-
 @register
 class MistralSmall(ChatFormat):
     name = "mistral-small"
@@ -291,20 +250,22 @@ class MistralSmall(ChatFormat):
         start = 1 if messages and messages[0]["role"] == "system" else 0
         loop = messages[start:]
         users = [m for m in loop if m["role"] == "user"]
-        _check_alternation(loop, lambda m: m["role"] == "tool" or bool(m.get("tool_calls")))
+        check_alternation(
+            loop, ALTERNATION_AFTER_SYSTEM, skip=lambda m: m["role"] == "tool" or bool(m.get("tool_calls"))
+        )
         # The dated default system prompt is used whenever the conversation has no system message.
         if start:
-            system, owner = _need(messages[0], 0), {"msg": 0, "role": "system"}
+            system, owner = required(messages[0], 0), {"msg": 0, "role": "system"}
         else:
-            system, owner = MISTRAL_SMALL_SYSTEM.format(today=_iso_date(sw["date_string"])), {}
+            system, owner = MISTRAL_SMALL_SYSTEM.format(today=template_date(sw["date_string"], "%Y-%m-%d")), {}
         b.add("[SYSTEM_PROMPT]" + system + "[/SYSTEM_PROMPT]", **owner)
         for k, m in enumerate(loop):
             i, role = start + k, m["role"]
             if role == "system":  # allowed in an assistant slot by the alternation check
-                b.add("[SYSTEM_PROMPT]" + _need(m, i) + "[/SYSTEM_PROMPT]", msg=i, role=role)
+                b.add("[SYSTEM_PROMPT]" + required(m, i) + "[/SYSTEM_PROMPT]", msg=i, role=role)
             elif role == "user":
                 if tools is not None and m == users[-1]:
-                    b.add("[AVAILABLE_TOOLS]" + _tojson(tools) + "[/AVAILABLE_TOOLS]")
+                    b.add("[AVAILABLE_TOOLS]" + tojson(tools) + "[/AVAILABLE_TOOLS]")
                 b.add("[INST]" + m.get("content", "") + "[/INST]", msg=i, role=role)
             elif role == "assistant":
                 text = ""
@@ -313,7 +274,7 @@ class MistralSmall(ChatFormat):
                     if not isinstance(fn.get("name"), str):
                         raise TemplateError(f"messages[{i}]: each tool call needs function.name (str)")
                     text += "[TOOL_CALLS]" + fn["name"] + "[CALL_ID]" + _call_id(call, "id")
-                    text += "[ARGS]" + _tojson(_need(fn, i, "arguments"))
+                    text += "[ARGS]" + tojson(required(fn, i, "arguments"))
                 if not m.get("tool_calls"):
                     text = m.get("content", "")
                 b.add(text + sw["eos_token"], msg=i, role=role, train=True)
