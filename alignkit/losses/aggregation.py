@@ -4,26 +4,25 @@ Every mode returns ``Σ(unit terms) / normalizer``. For a fixed normaliser the v
 summing the losses of K micro-batches (each divided by the same global D) reproduces the full-batch loss and
 gradient exactly; ``"local"`` is the convenience (and inexact) per-call count.
 
-The ``_masked_*`` helpers are private stand-ins for ``alignkit.logprobs`` (masked_sum, masked_mean,
-masked_var, whiten, count_tokens, count_sequences); they use ``torch.where`` so NaN/inf in masked slots can
-neither reach the value nor the gradient.
+The ``_masked_*`` helpers wrap ``alignkit.logprobs``' masked ops with an fp32 upcast of half precisions and
+float counts (``torch.where`` inside, so NaN/inf in masked slots reach neither the value nor the gradient).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-Normalizer = float | int | Tensor | Literal["local"]
+from alignkit.logprobs import count_sequences, count_tokens, masked_mean, masked_sum, whiten
+from alignkit.losses.normalizer import Normalizer, normalize
 
 __all__ = ["AGGREGATIONS", "Normalizer", "aggregate"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# masked ops (private; switch to alignkit.logprobs once it lands)
+# masked ops: fp32 wrappers over alignkit.logprobs
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -37,27 +36,11 @@ def _bool(m: Tensor) -> Tensor:
 
 
 def _masked_sum(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
-    """``Σ m·x`` over ``dim`` (all dims if None); masked slots are dropped, not multiplied by 0."""
-    x = torch.where(_bool(m), _fp(x), torch.zeros((), dtype=_fp(x).dtype, device=x.device))
-    return x.sum() if dim is None else x.sum(dim)
-
-
-def _count(m: Tensor, dim: int | None = None) -> Tensor:
-    m = _bool(m).float()
-    return m.sum() if dim is None else m.sum(dim)
+    return masked_sum(_fp(x), _bool(m), dim)
 
 
 def _masked_mean(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
-    """``Σ m·x / max(Σ m, 1)``."""
-    return _masked_sum(x, m, dim) / _count(m, dim).clamp(min=1.0)
-
-
-def _masked_var(x: Tensor, m: Tensor, unbiased: bool = True) -> Tensor:
-    """Scalar masked variance ``Σ m(x−μ)² / (Σ m − 1)`` (or ``/Σ m``); 0 when fewer than two entries."""
-    mu = _masked_mean(x, m)
-    n = _count(m)
-    denom = (n - 1.0) if unbiased else n
-    return _masked_sum((_fp(x) - mu) ** 2, m) / denom.clamp(min=1.0)
+    return masked_mean(_fp(x), _bool(m), dim)
 
 
 def _whiten(
@@ -68,30 +51,21 @@ def _whiten(
     eps: float = 1e-8,
     stats: tuple[Tensor | float, Tensor | float] | None = None,
 ) -> Tensor:
-    """``(x−μ)·rsqrt(var+eps)`` over the masked entries (μ added back when ``shift_mean=False``); 0 where masked.
-
-    ``stats=(μ, var)`` injects batch-global statistics (micro-batching, DP) instead of the local ones.
-    """
-    if stats is None:
-        mu, var = _masked_mean(x, m), _masked_var(x, m)
-    else:
-        mu, var = (torch.as_tensor(s, dtype=_fp(x).dtype, device=x.device) for s in stats)
-    out = (_fp(x) - mu) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mu
-    return torch.where(_bool(m), out, torch.zeros((), dtype=out.dtype, device=x.device))
+    """`alignkit.logprobs.whiten` in fp32 (half precisions upcast); `stats=(μ, var)` injects global values."""
+    x = _fp(x)
+    if stats is not None:
+        stats = tuple(torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in stats)
+    return whiten(x, _bool(m), shift_mean=shift_mean, eps=eps, stats=stats)
 
 
 def _count_tokens(m: Tensor) -> Tensor:
     """Number of unmasked slots (0-dim fp32)."""
-    return _count(m)
+    return count_tokens(_bool(m)).float()
 
 
 def _count_sequences(m: Tensor, exclude_empty: bool = False) -> Tensor:
     """Number of rows of ``m [B,T]``; with ``exclude_empty`` only rows with at least one unmasked slot."""
-    if exclude_empty:
-        return _bool(m).any(-1).float().sum()
-    return torch.tensor(float(m.shape[0]), device=m.device)
+    return count_sequences(_bool(m), exclude_empty=exclude_empty).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,27 +99,6 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 }
 
 
-def _check_normalizer(normalizer: Normalizer) -> None:
-    if isinstance(normalizer, str):
-        if normalizer != "local":
-            raise ValueError(f'normalizer must be a number, a 0-dim tensor or "local", got {normalizer!r}')
-    elif isinstance(normalizer, Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError("normalizer tensor must be 0-dim")
-    elif not normalizer > 0:
-        raise ValueError(f"normalizer must be positive, got {normalizer}")
-
-
-def _divide(total: Tensor, normalizer: Normalizer, local: Tensor | None) -> Tensor:
-    """``total / D`` with D the normaliser, or the local count for ``"local"``."""
-    _check_normalizer(normalizer)
-    if isinstance(normalizer, str):
-        if local is None:
-            raise ValueError("this mode has no local count; pass a numeric normalizer (e.g. n_seqs * L_max / W)")
-        normalizer = local
-    return total / torch.as_tensor(normalizer, dtype=total.dtype, device=total.device)
-
-
 def aggregate(L: Tensor, m: Tensor, *, mode: str, normalizer: Normalizer) -> Tensor:
     """Reduce a per-token loss to a 0-dim tensor.
 
@@ -167,4 +120,6 @@ def aggregate(L: Tensor, m: Tensor, *, mode: str, normalizer: Normalizer) -> Ten
     if L.shape != m.shape:
         raise ValueError(f"L {tuple(L.shape)} and m {tuple(m.shape)} must have the same [B,T] shape")
     total, local = fn(L, m)
-    return _divide(total, normalizer, local)
+    if isinstance(normalizer, str) and local is None:
+        raise ValueError("this mode has no local count; pass a numeric normalizer (e.g. n_seqs * L_max / W)")
+    return normalize(total, normalizer, local)

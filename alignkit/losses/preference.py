@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Normalizer = float | int | Tensor | Literal["local"]
+from alignkit.losses.normalizer import Normalizer, normalize
 
 __all__ = [
     "DPO_LOSSES",
@@ -40,33 +39,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def normalize(total: Tensor, normalizer: Normalizer, local_count: int | Tensor | None) -> Tensor:
-    """Divide a summed loss by the caller's normaliser (LOSSES.md §1).
-
-    Args:
-        total: 0-dim sum of unit terms.
-        normalizer: a positive number, a 0-dim tensor (e.g. an all-reduced count), or `"local"`, meaning
-            `max(local_count, 1)` (inexact under gradient accumulation or data parallelism).
-        local_count: the number of units in this call; `None` when the loss has no local count.
-    """
-    if isinstance(normalizer, str):
-        if normalizer != "local":
-            raise ValueError(f"normalizer must be a number, a 0-dim tensor or 'local', got {normalizer!r}")
-        if local_count is None:
-            raise ValueError("normalizer='local' is not available here: pass the count explicitly")
-        denom = torch.as_tensor(local_count, dtype=torch.float32, device=total.device).clamp_min(1.0)
-        return total / denom
-    if isinstance(normalizer, Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"a tensor normalizer must be 0-dim, got shape {tuple(normalizer.shape)}")
-        return total / normalizer.to(device=total.device, dtype=torch.float32)
-    if isinstance(normalizer, bool) or not isinstance(normalizer, int | float):
-        raise ValueError(f"normalizer must be a number, a 0-dim tensor or 'local', got {type(normalizer).__name__}")
-    if not normalizer > 0:  # also rejects NaN
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    return total / float(normalizer)
 
 
 def _as_pairs(names: Sequence[str], *tensors: Tensor) -> list[Tensor]:

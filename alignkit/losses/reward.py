@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.losses.preference import Normalizer, normalize
+from alignkit.losses.normalizer import Normalizer, normalize
 
 __all__ = [
     "bradley_terry_loss",

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from alignkit.logprobs import count_tokens, masked_mean
-
-Normalizer = float | int | Tensor | str
+from alignkit.losses.normalizer import Normalizer, normalize
 
 
 def _nll(ce: Tensor, logps: Tensor) -> Tensor:
@@ -34,20 +33,6 @@ def _dft(ce: Tensor, logps: Tensor) -> Tensor:
 
 #: kind -> fn(ce [B,T], ℓ [B,T]) -> per-token loss [B,T]; ce is the (smoothed) per-token cross-entropy.
 SFT_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"nll": _nll, "dft": _dft}
-
-
-def _denominator(normalizer: Normalizer, m: Tensor, device: torch.device) -> Tensor:
-    if isinstance(normalizer, str):
-        if normalizer != "local":
-            raise ValueError(f"normalizer must be a number, a 0-dim tensor or 'local', got {normalizer!r}")
-        return count_tokens(m).clamp(min=1).to(device=device, dtype=torch.float32)
-    if isinstance(normalizer, Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError("a tensor normalizer must be 0-dim")
-        return normalizer.to(device=device, dtype=torch.float32)
-    if not normalizer > 0:
-        raise ValueError(f"normalizer must be positive, got {normalizer}")
-    return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
 
 
 def sft_loss(
@@ -95,7 +80,7 @@ def sft_loss(
     if label_smoothing > 0:
         ce = (1 - label_smoothing) * ce - label_smoothing * torch.where(m, mean_logp.float(), 0.0)
     per_token = SFT_KINDS[kind](ce, lp)
-    loss = torch.where(m, per_token, 0.0).sum() / _denominator(normalizer, m, lp.device)
+    loss = normalize(torch.where(m, per_token, 0.0).sum(), normalizer, count_tokens(m))
 
     with torch.no_grad():
         metrics = {"nll": masked_mean(-lp, m), "n_tokens": count_tokens(m).float()}

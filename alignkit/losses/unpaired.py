@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.losses.preference import Normalizer, normalize
+from alignkit.losses.normalizer import Normalizer, normalize
 
 __all__ = [
     "KTO_LOSSES",

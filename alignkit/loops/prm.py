@@ -1,0 +1,261 @@
+"""Process reward model training, top to bottom.
+
+stepwise rows -> prompt + (step + separator) tokens, label on each separator -> padded micro-batches -> step
+logits at label tokens only -> prm_loss with the step's global count of labelled steps as normaliser -> AdamW
+-> metrics.jsonl (+ eval step accuracy and F1 on bad steps) + atomic checkpoints.
+
+    from alignkit.loops.prm import PRMConfig, train_prm
+    train_prm(PRMConfig(model="path/or/hf-id", dataset="prm800k.jsonl", output_dir="runs/prm"))
+
+The trained checkpoint is an ordinary HF folder; score with `alignkit.prm.score_steps` or use it as a GRPO/RLOO
+reward with `alignkit.prm.prm_reward` (same `step_separator`, `head` candidate ids and `chat_format`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.data.collate import pad_collate
+from alignkit.data.loading import load_rows
+from alignkit.data.prm import IGNORE_INDEX, tokenize_prm_rows
+from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.losses.reward import prm_loss
+from alignkit.prm import step_logits, step_metrics
+
+
+@dataclass
+class PRMConfig:
+    model: str = ""  # HF id or local folder (ignored when a model object is passed to train_prm)
+    dataset: str = ""  # stepwise rows {prompt, completions: [step], labels: [bool | probability]}
+    dataset_split: str = "train"
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_rows: int | None = 512  # cap on evaluation rows
+    output_dir: str = "runs/prm"
+    head: Literal["classification", "scalar", "lm"] = "classification"  # 2-class CE, BCE, or LM logits
+    candidate_tokens: list[str] = field(default_factory=lambda: ["-", "+"])  # head="lm": tokens for wrong, right
+    step_separator: str = "\n"  # appended to every step; its last token carries the step's label
+    chat_format: str | None = None  # used for conversational prompts; None = detect from the tokenizer
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None  # keep the prompt's last tokens
+    train_on_last_step_only: bool = False
+    soft_labels: bool | None = None  # None: soft when a label is not exactly 0/1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    threshold: float = 0.5  # a step is predicted right when its probability exceeds this
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None  # steps between checkpoints; the final state is always saved
+    keep_last: int = 2
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+
+def _load_model(cfg: PRMConfig):  # noqa: ANN202
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from alignkit.models import load_model_and_tokenizer
+
+    kw: dict[str, Any] = {"dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.head == "lm":
+        return load_model_and_tokenizer(cfg.model, auto_class=AutoModelForCausalLM, **kw)
+    n = 2 if cfg.head == "classification" else 1
+    return load_model_and_tokenizer(cfg.model, auto_class=AutoModelForTokenClassification, num_labels=n, **kw)
+
+
+def candidate_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int]:
+    """Token ids of the (wrong, right) candidate tokens of an LM-head PRM; each must be exactly one token."""
+    if len(tokens) != 2:
+        raise ValueError(f"candidate_tokens must be [wrong, right], got {list(tokens)}")
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in tokens]
+    for t, i in zip(tokens, ids):
+        if len(i) != 1:
+            raise ValueError(f"candidate token {t!r} is {len(i)} tokens {i}; pick tokens that encode to one id")
+    return ids[0][0], ids[1][0]
+
+
+def _batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    keep = ("input_ids", "labels", "soft_labels")
+    b = pad_collate([{k: e[k] for k in keep if k in e} for e in examples], pad_token_id=pad_id)
+    return {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}
+
+
+def _micro_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cand: Any, normalizer: float):
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    pos = batch["labels"] != IGNORE_INDEX
+    logits = step_logits(
+        model,
+        batch["input_ids"],
+        pos,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        candidate_ids=cand,
+    )
+    soft = batch["soft_labels"][pos] if "soft_labels" in batch else None
+    loss, metrics = prm_loss(logits, batch["labels"][pos], normalizer=normalizer, soft_labels=soft)
+    return loss, metrics, logits.detach()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: PRMConfig, pad_id: int, cand: Any = None
+) -> dict[str, float]:
+    """Step-mean NLL and step metrics (accuracy, majority baseline, precision/recall/F1 on bad steps)."""
+    was_training = model.training
+    model.eval()
+    nll, probs, targets = 0.0, [], []
+    for i in range(0, len(examples), cfg.eval_batch_size):
+        batch = _batch(list(examples[i : i + cfg.eval_batch_size]), pad_id)
+        loss, _, logits = _micro_loss(model, batch, cand, normalizer=1.0)
+        nll += float(loss)
+        pos = batch["labels"] != IGNORE_INDEX
+        probs.append(logits.float().softmax(-1)[:, 1].cpu())
+        targets.append((batch["soft_labels"] if "soft_labels" in batch else batch["labels"].float())[pos])
+    model.train(was_training)
+    scores, labels = torch.cat(probs), torch.cat(targets)
+    out = step_metrics(scores, labels, cfg.threshold)
+    out["loss"] = nll / max(labels.numel(), 1)
+    return out
+
+
+def train_prm(
+    cfg: PRMConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
+    """Train a PRM. Pass `model`/`tokenizer`/`train_data` objects, or let `cfg` name them. Returns a summary
+    with the last logged record and, when there is eval data, the final eval metrics."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    if model is None:
+        model, tokenizer = _load_model(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    cand = candidate_ids(tokenizer, cfg.candidate_tokens) if cfg.head == "lm" else None
+
+    # rows -> tokens + step labels (rows whose every label token was truncated away are dropped and reported)
+    tok_kw = dict(
+        step_separator=cfg.step_separator,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        chat_format=cfg.chat_format,
+        soft_labels=cfg.soft_labels,
+    )
+    rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    train, report = tokenize_prm_rows(tokenizer, rows, train_on_last_step_only=cfg.train_on_last_step_only, **tok_kw)
+    print(f"[alignkit prm] train: {report}")
+    evals: list[dict[str, Any]] = []
+    if eval_data is not None or cfg.eval_dataset:
+        erows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
+        evals, ereport = tokenize_prm_rows(tokenizer, erows[: cfg.eval_rows], **tok_kw)  # every step, always
+        print(f"[alignkit prm] eval: {ereport}")
+
+    # the whole data order, fixed by the seed: resuming means skipping to a step
+    plan = plan_batches(
+        [len(e["input_ids"]) for e in train],
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        grad_accum=cfg.grad_accum,
+        batch_size=cfg.batch_size,
+    )
+    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
+    if total_steps == 0:
+        raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        print(f"[alignkit prm] resumed from {ckpt} at step {start}")
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+
+    model.train()
+    steps = range(start, total_steps)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, initial=start, total=total_steps, desc="prm", unit="step")
+    record: dict[str, Any] = {}
+    eval_metrics: dict[str, float] = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        micro = [[train[i] for i in mb] for mb in plan[step]]
+        # The normaliser is the step's total count of labelled steps, so summing micro-batch losses gives exactly
+        # the full-batch step-mean gradient whatever the split.
+        n_steps = sum(e["num_steps"] for mb in micro for e in mb)
+        loss_sum, n_correct = torch.zeros(()), torch.zeros(())
+        for mb in micro:
+            loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
+            loss.backward()
+            loss_sum += loss.detach().cpu()
+            n_correct += (metrics["accuracy"] * metrics["n_steps"]).cpu()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": float(loss_sum),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_accuracy": float(n_correct) / max(n_steps, 1),
+            "num_steps": n_steps,
+            "num_tokens": sum(len(e["input_ids"]) for mb in micro for e in mb),
+            "step_time_s": time.perf_counter() - t0,
+        }
+        if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
+            eval_metrics = evaluate(model, evals, cfg, pad_id, cand)
+            record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
+            log.log(record)
+        if cfg.progress:
+            steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['step_accuracy']:.3f}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            save_checkpoint(
+                run_dir,
+                done,
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep_last=cfg.keep_last,
+            )
+        for cb in callbacks:
+            cb(done, record)
+    log.close()
+    if evals and not eval_metrics:
+        eval_metrics = evaluate(model, evals, cfg, pad_id, cand)
+    return {"steps": total_steps, "last": record, "eval": eval_metrics, "run_dir": str(run_dir), "report": str(report)}

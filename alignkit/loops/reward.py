@@ -1,0 +1,284 @@
+"""Reward-model training (Bradley-Terry), top to bottom.
+
+{prompt, chosen, rejected} rows -> chat format -> token ids of prompt+chosen and prompt+rejected -> micro-batches
+of pairs, both sides scored in ONE padded forward -> bradley_terry_loss with the step's pair count as normaliser
+-> AdamW -> metrics.jsonl + atomic checkpoints (HF folders: `AutoModelForSequenceClassification` loads them).
+
+    from alignkit.loops.reward import RewardConfig, train_reward
+    train_reward(RewardConfig(model="runs/sft/checkpoint-900", dataset="pairs.jsonl", output_dir="runs/rm"))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.data.collate import pad_collate
+from alignkit.data.loading import load_rows
+from alignkit.data.rows import RowError
+from alignkit.data.tokenize import tokenize_rows
+from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.losses.preference import split_pairs
+from alignkit.losses.reward import bradley_terry_loss
+from alignkit.reward_model import load_reward_model, score
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""  # causal-LM or reward-model folder / HF id (ignored when a model object is passed)
+    dataset: str = ""  # hub id, .json/.jsonl/.parquet file or folder of {prompt?, chosen, rejected, margin?} rows
+    dataset_split: str = "train"
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_rows: int | None = 512  # cap on evaluation pairs
+    output_dir: str = "runs/reward"
+    chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
+    max_length: int | None = 1024  # pairs with either side longer are dropped (TRL's filter), never truncated
+    batch_size: int = 8  # pairs per micro-batch (the forward sees 2x sequences)
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-4  # TRL's RewardConfig default
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    use_margin: bool = True  # subtract the rows' `margin` column from r_c - r_r when the data has one
+    center_coef: float | None = None  # reward centering c·(r_c + r_r)² (TRL center_rewards_coefficient)
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None  # steps between evaluations; the final step is always evaluated
+    save_every: int | None = None  # steps between checkpoints; the final state is always saved
+    keep_last: int = 2
+    resume: bool = False  # continue from RUN_DIR/latest if present
+    tensorboard: bool = False
+    progress: bool = True
+
+
+def pair_rows(row: Mapping[str, Any], index: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference row -> (chosen row, rejected row) that `tokenize_rows` accepts (TRL's four formats).
+
+    Explicit prompt, plain or conversational: `{"prompt": p, "completion": c}` for each side. Implicit prompt
+    (no `prompt` field; the shared prefix is the prompt): the full conversation or text of each side, which
+    renders to the same tokens as prompt + completion. Bad rows raise `RowError` naming the row and field.
+    """
+    if not isinstance(row, Mapping):
+        raise RowError(index, "<row>", "a dict with 'chosen' and 'rejected'", type(row))
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise RowError(index, key, "a string or a list of messages", "missing")
+    c, r = row["chosen"], row["rejected"]
+    if isinstance(c, str) != isinstance(r, str):
+        raise RowError(index, "chosen/rejected", "both strings or both lists of messages", (type(c), type(r)))
+    if row.get("prompt") is not None:
+        p = row["prompt"]
+        return {"prompt": p, "completion": c}, {"prompt": p, "completion": r}
+    if isinstance(c, str):
+        return {"text": c}, {"text": r}
+    return {"messages": c}, {"messages": r}
+
+
+def _margins(rows: Sequence[Mapping[str, Any]], use: bool) -> list[float] | None:
+    """The `margin` column as floats, None when absent or unused; a partly missing column is an error."""
+    if not use or not any(r.get("margin") is not None for r in rows):
+        return None
+    out = []
+    for i, r in enumerate(rows):
+        m = r.get("margin")
+        if isinstance(m, bool) or not isinstance(m, int | float):
+            raise RowError(i, "margin", "a number in every row (other rows have one), or use_margin=false", m)
+        out.append(float(m))
+    return out
+
+
+def tokenize_pairs(
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    chat_format: str | None,
+    max_length: int | None,
+    use_margin: bool = True,
+) -> tuple[list[dict[str, Any]], int]:
+    """Rows -> [{"chosen_ids", "rejected_ids", "margin"?}], dropping pairs with a side over `max_length`.
+
+    Returns (pairs, number dropped). Every token counts (`train_on="all"`): only the ids matter here.
+    """
+    sides = [pair_rows(r, i) for i, r in enumerate(rows)]
+    kw = dict(chat_format=chat_format, train_on="all")
+    chosen, rep_c = tokenize_rows(tokenizer, [s[0] for s in sides], **kw)
+    rejected, rep_r = tokenize_rows(tokenizer, [s[1] for s in sides], **kw)
+    for side, rep in (("chosen", rep_c), ("rejected", rep_r)):
+        if rep.dropped_no_trainable:
+            raise RowError(rep.dropped_indices[0], side, "a non-empty sequence", "no tokens")
+    margins = _margins(rows, use_margin)
+    pairs, dropped = [], 0
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        if max_length is not None and max(len(c["input_ids"]), len(r["input_ids"])) > max_length:
+            dropped += 1
+            continue
+        pair = {"chosen_ids": c["input_ids"], "rejected_ids": r["input_ids"]}
+        if margins is not None:
+            pair["margin"] = margins[i]
+        pairs.append(pair)
+    return pairs, dropped
+
+
+def score_pairs(
+    model: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Chosen and rejected of `P` pairs in one right-padded `[2P, T]` forward -> `[P]` r_c, `[P]` r_r, margins."""
+    seqs = [{"input_ids": p["chosen_ids"]} for p in pairs] + [{"input_ids": p["rejected_ids"]} for p in pairs]
+    b = pad_collate(seqs, pad_token_id=pad_id)
+    dev = next(model.parameters()).device
+    rewards = score(model, b["input_ids"].to(dev), b["attention_mask"].to(dev))  # [2P]
+    r_c, r_r = split_pairs(rewards)
+    margin = torch.tensor([p["margin"] for p in pairs], device=dev) if "margin" in pairs[0] else None
+    return r_c, r_r, margin
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], cfg: RewardConfig, pad_id: int):  # noqa: ANN201
+    """Pair-mean loss, accuracy (r_c > r_r) and margin over `pairs`."""
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i : i + cfg.batch_size]
+        r_c, r_r, m = score_pairs(model, chunk, pad_id)
+        loss, met = bradley_terry_loss(r_c, r_r, margin=m, center_coef=cfg.center_coef, normalizer=len(pairs))
+        sums["loss"] += float(loss)
+        sums["accuracy"] += float(met["accuracy"]) * len(chunk) / len(pairs)
+        sums["margin"] += float(met["margin"]) * len(chunk) / len(pairs)
+    model.train(was_training)
+    return {f"eval_{k}": v for k, v in sums.items()}
+
+
+def train_reward(
+    cfg: RewardConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
+    """Train a scalar reward model. Pass `model` (see `alignkit.reward_model`)/`tokenizer`/`train_data` objects,
+    or let `cfg` name them. Returns a summary with the final step record."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    if model is None:
+        if not cfg.model:
+            raise ValueError("RewardConfig.model is empty: name a causal-LM or reward-model folder / HF id")
+        model, tokenizer = load_reward_model(
+            cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, seed=cfg.seed
+        )
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if model.config.pad_token_id is None:  # saved checkpoints must work with HF's own pooling too
+        model.config.pad_token_id = pad_id
+
+    # rows -> token ids of both sides; pairs longer than max_length are dropped and reported
+    tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, use_margin=cfg.use_margin)
+    if train_data is None and not cfg.dataset:
+        raise ValueError("RewardConfig.dataset is empty: name a file, folder or hub id of preference rows")
+    train_rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    train, dropped = tokenize_pairs(train_rows, tokenizer, **tok_kw)
+    print(f"[alignkit reward] train: {len(train)} pairs, {dropped} dropped as longer than max_length={cfg.max_length}")
+    evals: list[dict[str, Any]] = []
+    if eval_data is not None or cfg.eval_dataset:
+        eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
+        evals = tokenize_pairs(eval_rows, tokenizer, **tok_kw)[0][: cfg.eval_rows]
+
+    # the whole data order, fixed by the seed: resuming means skipping to a step
+    plan = plan_batches(
+        [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train],
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        grad_accum=cfg.grad_accum,
+        batch_size=cfg.batch_size,
+    )
+    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
+    if total_steps == 0:
+        raise ValueError(f"no full optimizer step: {len(train)} pairs, grad_accum={cfg.grad_accum}")
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+        print(f"[alignkit reward] resumed from {ckpt} at step {start}")
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+
+    model.train()
+    steps = range(start, total_steps)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, initial=start, total=total_steps, desc="reward", unit="step")
+    record: dict[str, Any] = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        micro = [[train[i] for i in mb] for mb in plan[step]]
+        # The normaliser is the step's pair count, so summed micro-batch losses give the full-batch pair mean.
+        n_pairs = sum(len(mb) for mb in micro)
+        loss_sum = torch.zeros(())
+        stats = {k: torch.zeros(()) for k in ("accuracy", "margin", "rewards/chosen", "rewards/rejected")}
+        for mb in micro:
+            r_c, r_r, margin = score_pairs(model, mb, pad_id)
+            loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
+            loss.backward()
+            loss_sum += loss.detach().cpu()
+            for k in stats:  # metrics are local pair means: weight by the micro-batch's pairs
+                stats[k] += met[k].cpu() * len(mb) / n_pairs
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": float(loss_sum),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            **{k: float(v) for k, v in stats.items()},
+            "num_pairs": n_pairs,
+            "num_tokens": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for mb in micro for p in mb),
+            "step_time_s": time.perf_counter() - t0,
+        }
+        if evals and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+            record.update(evaluate(model, evals, cfg, pad_id))
+        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
+            log.log(record)
+        if cfg.progress:
+            steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            save_checkpoint(
+                run_dir,
+                done,
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep_last=cfg.keep_last,
+            )
+        for cb in callbacks:
+            cb(done, record)
+    log.close()
+    return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "dropped": dropped}

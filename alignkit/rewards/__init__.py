@@ -1,0 +1,54 @@
+"""Reward functions for online RL (GRPO / RLOO): the contract, a weighted set, built-ins and lookup.
+
+    from alignkit.rewards import RewardSet, get_reward
+    rs = RewardSet(["math_answer", "format"], weights=[1.0, 0.2])
+    R, metrics = rs(prompts, completions, completion_ids, answer=answers)   # R [N,2] float32, NaN = None/failed
+    A, _ = grpo_advantages(R, group_size=G, reward_weights=rs.weights)
+
+A reward is ``f(prompts, completions, completion_ids, **columns) -> list[float | None]`` (sync or ``async``).
+Built-ins by name: ``math_answer``, ``format``, ``overlong`` / ``length``, ``reward_model``; anything else by
+dotted path ``"package.module:function"``.
+"""
+
+from alignkit.rewards.builtin import format_reward, length_penalty, matches_format
+from alignkit.rewards.core import (
+    REWARDS,
+    RewardFunc,
+    RewardSet,
+    combine_rewards,
+    get_reward,
+    register_reward,
+    reward_name,
+    weighted_reward_sum,
+)
+from alignkit.rewards.math import (
+    answers_match,
+    extract_boxed,
+    extract_final_answer,
+    math_answer_reward,
+    normalize_answer,
+    parse_number,
+)
+from alignkit.rewards.reward_model import last_token_scores, reward_model_reward
+
+__all__ = [
+    "REWARDS",
+    "RewardFunc",
+    "RewardSet",
+    "answers_match",
+    "combine_rewards",
+    "extract_boxed",
+    "extract_final_answer",
+    "format_reward",
+    "get_reward",
+    "last_token_scores",
+    "length_penalty",
+    "matches_format",
+    "math_answer_reward",
+    "normalize_answer",
+    "parse_number",
+    "register_reward",
+    "reward_model_reward",
+    "reward_name",
+    "weighted_reward_sum",
+]
