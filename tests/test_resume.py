@@ -28,7 +28,7 @@ def kill(step, record):
 
 cfg = SFTConfig(output_dir=run_dir, chat_format="chatml", max_steps=20, save_every=5, packing=True,
                 pack_tokens=160, grad_accum=2, lr=3e-3, warmup_steps=3, progress=False, resume=resume,
-                weight_decay=0.01)
+                weight_decay=0.01, epochs=5)
 train_sft(cfg, model=model, tokenizer=tok, train_data=rows, callbacks=[kill])
 """
 

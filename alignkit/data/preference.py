@@ -53,7 +53,7 @@ Content = str | list[dict[str, Any]]
 
 
 def _kind(x: Any) -> str | None:
-    """"text" for a string, "chat" for a list of message dicts, None otherwise."""
+    """ "text" for a string, "chat" for a list of message dicts, None otherwise."""
     if isinstance(x, str):
         return "text"
     if isinstance(x, Sequence) and not isinstance(x, bytes) and all(isinstance(m, Mapping) for m in x):
@@ -285,6 +285,11 @@ def tokenize_unpaired(
     flat = unpair_rows(rows)
     if kl_completions and len(flat) < 2:
         raise ValueError(f"KTO's reference point needs at least 2 examples (mismatched completions), got {len(flat)}")
+    if kl_completions:  # a prompt is paired with other rows' completions: all rows must be of one kind
+        first = _kind(flat[0]["prompt"])
+        for u in flat:
+            if _kind(u["prompt"]) != first:
+                raise RowError(u["index"], "prompt", f"the same kind as the first row's ({first}) in one dataset")
     partners = _kl_partners([u["prompt"] for u in flat]) if kl_completions else []
     enc = _Encoder(tokenizer, chat_format, max_length, truncation, switches)
     report = PreferenceReport(rows=len(rows), truncated={"completion": 0} | ({"kl": 0} if kl_completions else {}))

@@ -142,7 +142,9 @@ class StepMetrics:
                 self.counts[k] = self.counts.get(k, 0.0) + vals[w]
 
     def result(self) -> dict[str, float]:
-        out = {k: (v / self.counts[k] if self.counts[k] else 0.0) if k in self.counts else v for k, v in self.sums.items()}
+        out = {
+            k: (v / self.counts[k] if self.counts[k] else 0.0) if k in self.counts else v for k, v in self.sums.items()
+        }
         return {**out, **self.last}
 
 

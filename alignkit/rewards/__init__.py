@@ -29,7 +29,7 @@ from alignkit.rewards.math import (
     normalize_answer,
     parse_number,
 )
-from alignkit.rewards.reward_model import last_token_scores, reward_model_reward
+from alignkit.rewards.reward_model import reward_model_reward
 
 __all__ = [
     "REWARDS",
@@ -41,7 +41,6 @@ __all__ = [
     "extract_final_answer",
     "format_reward",
     "get_reward",
-    "last_token_scores",
     "length_penalty",
     "matches_format",
     "math_answer_reward",

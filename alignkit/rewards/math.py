@@ -53,7 +53,7 @@ def _arg(s: str, i: int) -> tuple[str, int] | None:
     r"""One TeX argument at ``s[i:]`` (spaces skipped): a ``{group}``, a ``\command`` or one character."""
     while i < len(s) and s[i] == " ":
         i += 1
-    if i >= len(s):
+    if i >= len(s) or s[i] == "}":
         return None
     if s[i] == "{":
         return _group(s, i)
@@ -135,18 +135,35 @@ _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
 def normalize_answer(s: Any) -> str:
-    r"""A canonical string for comparing final answers (see the module docstring). Idempotent."""
-    s = str(s).strip()
+    r"""A canonical string for comparing final answers (see the module docstring). Idempotent: the rules are
+    applied until nothing changes (``\boxed{\boxed{1}}``, removals that expose another unit, ...)."""
+    s = str(s)
+    for _ in range(8):
+        t = _normalize_once(s)
+        if t == s:
+            break
+        s = t
+    return s
+
+
+# One left-to-right pass, so "\\" (a matrix row break) is never read as "\" + the next character.
+_TEX_TOKEN = re.compile(r"\\\\|\\[()\[\],;:! $%]|\\(?:left|right)(?:\.|(?![A-Za-z]))|\\displaystyle(?![A-Za-z])")
+
+
+def _tex_token(m: re.Match) -> str:
+    tok = m.group(0)
+    if tok == "\\\\":
+        return tok
+    return " " if tok[1:] in (",", ";", ":", "!", " ") else ""
+
+
+def _normalize_once(s: str) -> str:
+    s = s.strip()
     if "\\boxed" in s or "\\fbox" in s:
         s = extract_boxed(s) or s
     elif "####" in s:
         s = s.rsplit("####", 1)[1]
-    s = s.strip()
-    for a, b in (("$$", "$"), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", "")):
-        s = s.replace(a, b)
-    s = re.sub(r"(\\\\)|\\[,;:! ]", lambda m: m.group(1) or " ", s)  # thin spaces; keep "\\\\" rows
-    for tok in ("\\left", "\\right", "\\displaystyle", "\\$", "$", "\\%", "%"):
-        s = s.replace(tok, "")
+    s = _TEX_TOKEN.sub(_tex_token, s.strip()).replace("$", "").replace("%", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     for deg in ("^{\\circ}", "^\\circ", "\\circ", "°"):
         s = s.replace(deg, "")

@@ -1,0 +1,319 @@
+"""KTO and BCO (unpaired preference optimisation), top to bottom.
+
+rows {prompt, completion, label} (paired rows are unpaired: chosen -> desirable, rejected -> undesirable) ->
+chat format -> tokens, plus for each example a mismatched sequence (its prompt, another prompt's completion) ->
+reference log-probs (precomputed and cached, LoRA adapter off, an explicit model, or TR-DPO) -> per step:
+KTO's reference point z0 from the step's mismatched sequences (no grad), then per micro-batch one forward and
+`kto_loss` / `bco_loss` with the step's example count as normaliser -> AdamW -> metrics.jsonl + checkpoints.
+
+    from alignkit.loops.kto import KTOConfig, train_kto
+    train_kto(KTOConfig(model="runs/sft/checkpoint-900", dataset="labels.jsonl", output_dir="runs/kto"))
+
+z0 (LOSSES.md §5): Σ(π′−ρ′)/count over the step's mismatched sequences (all micro-batches), clamped at ≥ 0 and
+detached; it is recomputed with the current policy every step. BCO's running reward mean is loop state: updated
+per micro-batch (update-then-use, TRL's order), carried across steps and saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.data.loading import load_rows
+from alignkit.data.preference import collate_unpaired, tokenize_unpaired
+from alignkit.loops._preference_common import (
+    StepMetrics,
+    add_lora,
+    check_reference_choice,
+    load_policy,
+    make_reference,
+    model_reference,
+    optimizer_step,
+    pad_token_id,
+)
+from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
+from alignkit.reference import Scorer, batch_sequence_logps
+
+
+@dataclass
+class KTOConfig:
+    model: str = ""
+    dataset: str = ""  # rows {prompt, completion, label} or paired {prompt?, chosen, rejected}
+    dataset_split: str = "train"
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_rows: int | None = 256
+    output_dir: str = "runs/kto"
+    chat_format: str | None = None
+    max_length: int = 1024
+    truncation: Literal["right", "left"] = "right"
+    packing: bool = False
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loss: Literal["kto", "apo_zero_unpaired", "bco"] = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: Literal["precomputed", "lora", "model", "tr_dpo"] = "precomputed"
+    reference_cache_dir: str | None = None
+    ref_model: str | None = None
+    tr_dpo_alpha: float = 0.6
+    tr_dpo_sync_steps: int = 512
+    temperature: float = 1.0
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    token_chunk: int = 2048
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+_WEIGHTS = {
+    "rewards/chosen": "n_desirable",
+    "logps/chosen": "n_desirable",
+    "rewards/rejected": "n_undesirable",
+    "logps/rejected": "n_undesirable",
+    "n_desirable": None,
+    "n_undesirable": None,
+    "kl": "last",
+    "delta": "last",
+}
+
+
+def _step_metrics() -> StepMetrics:
+    return StepMetrics(_WEIGHTS, None)
+
+
+def _finish(metrics: dict[str, float]) -> dict[str, float]:
+    metrics.pop("rewards/margins", None)  # a difference of side means: recomputed from the step's means
+    metrics["rewards/margins"] = metrics.get("rewards/chosen", 0.0) - metrics.get("rewards/rejected", 0.0)
+    return metrics
+
+
+def _batch(examples: Sequence[dict[str, Any]], cfg: KTOConfig, pad_id: int, kl: bool = False) -> dict[str, Any]:
+    return collate_unpaired(examples, pad_token_id=pad_id, kl=kl, packing=cfg.packing, capacity=cfg.max_length)
+
+
+@torch.no_grad()
+def kl_reference_point(model, micro: Sequence[Sequence[dict]], cfg: KTOConfig, reference, pad_id: int) -> torch.Tensor:  # noqa: ANN001
+    """z0 = max(0, Σ(π′−ρ′) / count) over the mismatched sequences of all micro-batches of a step (no grad);
+    mismatched sequences that truncation left empty are not counted."""
+    total, count = torch.zeros(()), torch.zeros(())
+    for mb in micro:
+        kb = _batch(mb, cfg, pad_id, kl=True)
+        pol = batch_sequence_logps(model, kb, temperature=cfg.temperature, token_chunk=cfg.token_chunk)
+        keep = pol["n_tokens"] > 0
+        s, c = kto_reference_point(pol["sum"][keep], reference.logps(model, kb)[keep])
+        total, count = total + s.cpu(), count + c.cpu()
+    return (total / count.clamp_min(1.0)).clamp_min(0.0)
+
+
+def _micro(model, batch, cfg: KTOConfig, reference, z0, bco_state, normalizer: float, train: bool = True):  # noqa: ANN001, ANN202
+    """Loss, metrics and BCO state of one micro-batch (one forward of its completions)."""
+    ref = reference.logps(model, batch)
+    pol = batch_sequence_logps(model, batch, temperature=cfg.temperature, token_chunk=cfg.token_chunk)
+    desirable = batch["desirable"].to(pol["sum"].device)
+    if cfg.loss == "bco":
+        return bco_loss(pol["sum"], ref, desirable, bco_state, beta=cfg.beta, update_state=train, normalizer=normalizer)
+    loss, metrics = kto_loss(
+        pol["sum"],
+        ref,
+        desirable,
+        kl_ref_point=z0,
+        beta=cfg.beta,
+        desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight,
+        loss_type=cfg.loss,
+        normalizer=normalizer,
+    )
+    return loss, metrics, bco_state
+
+
+@torch.no_grad()
+def evaluate(model, examples: Sequence[dict], cfg: KTOConfig, reference, bco_state, pad_id: int) -> dict[str, float]:  # noqa: ANN001
+    """Loss and side metrics over `examples` (z0 from all of them; BCO state used, not updated); `eval_` keys."""
+    was_training = model.training
+    model.eval()
+    chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+    z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
+    acc, loss_sum = _step_metrics(), 0.0
+    for mb in chunks:
+        loss, metrics, _ = _micro(model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False)
+        loss_sum += float(loss)
+        acc.add(metrics)
+    model.train(was_training)
+    return {"eval_loss": loss_sum, **{f"eval_{k}": v for k, v in _finish(acc.result()).items()}}
+
+
+def _sequences(examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """Reference-table order: id 2k = example k's completion, 2k+1 = its mismatched KL sequence."""
+    out = []
+    for e in examples:
+        out += [(e["input_ids"], e["labels"]), (e["kl_input_ids"], e["kl_labels"])]
+    return out
+
+
+def train_kto(
+    cfg: KTOConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    ref_model: torch.nn.Module | None = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
+    """Run KTO / APO-zero (unpaired) / BCO. Returns a summary with the reference's info and the final BCO state."""
+    if cfg.loss not in ("kto", "apo_zero_unpaired", "bco"):
+        raise ValueError(f"loss={cfg.loss!r}; expected kto, apo_zero_unpaired or bco")
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    if model is None:
+        model, tokenizer = load_policy(cfg)
+    pad_id = pad_token_id(tokenizer)
+    kind = check_reference_choice(cfg, False)
+    scorer = Scorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
+    prebuilt = model_reference(kind, cfg, model, ref_model, scorer)
+    if cfg.lora_r > 0:
+        model = add_lora(model, cfg)
+
+    tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
+    rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    train, report = tokenize_unpaired(tokenizer, rows, **tok_kw)
+    n_d = sum(e["desirable"] for e in train)
+    print(f"[alignkit {cfg.loss}] train: {report}; {n_d} desirable, {len(train) - n_d} undesirable")
+    if cfg.loss == "kto" and 0 < n_d < len(train):
+        ratio = kto_weight_ratio(cfg.desirable_weight, cfg.undesirable_weight, n_d, len(train) - n_d)
+        if not 1.0 <= ratio <= 4 / 3:
+            print(f"[alignkit kto] λ_D·n_D/(λ_U·n_U) = {ratio:.2f}; the KTO paper recommends [1, 4/3]")
+    evals: list[dict[str, Any]] = []
+    if eval_data is not None or cfg.eval_dataset:
+        eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
+        evals = tokenize_unpaired(tokenizer, eval_rows[: cfg.eval_rows], **tok_kw)[0]
+
+    def reference_for(examples: list[dict[str, Any]]) -> Any:
+        def batches():  # noqa: ANN202
+            for i in range(0, len(examples), cfg.batch_size):
+                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id)
+                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
+
+        settings = {"family": "unpaired", **tok_kw}
+        return make_reference(
+            kind,
+            cfg,
+            model,
+            scorer,
+            prebuilt=prebuilt,
+            sequences=lambda: _sequences(examples),
+            batches=batches,
+            settings=settings,
+        )
+
+    reference = reference_for(train)
+    eval_reference = reference_for(evals) if evals and kind == "precomputed" else reference
+    print(f"[alignkit {cfg.loss}] reference: {reference.info}")
+
+    plan = plan_batches(
+        [1] * len(train), seed=cfg.seed, epochs=cfg.epochs, grad_accum=cfg.grad_accum, batch_size=cfg.batch_size
+    )
+    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
+    if total_steps == 0:
+        raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    bco_state = BCOState.initial()
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = state["step"]
+        reference.load_state_dict(state.get("reference", {}))
+        if state.get("bco_state") is not None:
+            bco_state = BCOState(*(torch.as_tensor(v) for v in state["bco_state"]))
+        print(f"[alignkit {cfg.loss}] resumed from {ckpt} at step {start}")
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+
+    model.train()
+    steps = range(start, total_steps)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, initial=start, total=total_steps, desc=cfg.loss, unit="step")
+    record: dict[str, Any] = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        micro = [[train[i] for i in mb] for mb in plan[step]]
+        n_examples = float(sum(len(mb) for mb in micro))  # the global normaliser: examples in the step
+        z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
+        acc = _step_metrics()
+        loss_sum = torch.zeros(())
+        n_tokens = 0
+        for mb in micro:
+            batch = _batch(mb, cfg, pad_id)
+            loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
+            loss.backward()
+            loss_sum += loss.detach().cpu()
+            acc.add(metrics)
+            n_tokens += batch["n_tokens"]
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+        done = step + 1
+        reference.after_step(model, done)
+
+        record = {"step": done, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm, **_finish(acc.result())}
+        record.update(num_examples=int(n_examples), num_tokens=n_tokens, step_time_s=time.perf_counter() - t0)
+        if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
+            record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id))
+        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
+            log.log(record)
+        if cfg.progress:
+            steps.set_postfix(loss=f"{record['loss']:.4f}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            extra = {"reference": reference.state_dict(), "bco_state": tuple(t.detach().cpu() for t in bco_state)}
+            save_checkpoint(
+                run_dir,
+                done,
+                model=model,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=extra,
+                keep_last=cfg.keep_last,
+            )
+        for cb in callbacks:
+            cb(done, record)
+    log.close()
+    return {
+        "steps": total_steps,
+        "last": record,
+        "run_dir": str(run_dir),
+        "report": str(report),
+        "reference": dict(reference.info),
+        "bco_state": {"mean": float(bco_state.mean), "count": float(bco_state.count)},
+    }

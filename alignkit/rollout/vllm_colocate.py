@@ -1,0 +1,291 @@
+"""Rollouts with ``vllm.LLM`` inside the training process ("colocate").
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it is built), so the trainer's
+parameters reach vLLM's loader by reference: :meth:`VLLMColocateGenerator.update_weights` walks
+``named_parameters()`` and calls the worker extension in ``_vllm_worker.py`` through ``LLM.collective_rpc``;
+nothing is written to disk. Built from an ``nn.Module``, even the first load skips the disk: vLLM starts with
+``load_format="dummy"`` from the saved *config* alone and the real weights are pushed right away.
+
+Log-probs are vLLM's ``processed_logprobs``: the sampled token's log-prob after temperature (and after top-k /
+top-p masking when those are on; with them off it is exactly ``log_softmax(logits / τ)``, the trainer's value).
+
+Sleep mode (offload weights and drop the KV cache between rollouts, freeing accelerator memory for the
+optimizer step) is used where the platform has it (CUDA / ROCm / XPU). vLLM's CPU backend has none: the
+generator logs that once and runs without it.
+
+In-process vLLM also creates a one-rank ``torch.distributed`` group in this process; run the trainer single
+process (multi-process trainers should use :class:`~alignkit.rollout.vllm_server.VLLMServerGenerator`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.rollout.base import Rollouts
+
+__all__ = ["VLLMColocateGenerator", "EXTENSION", "named_weights", "sampling_kwargs", "stop_ids_from_config"]
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "alignkit.rollout._vllm_worker.WeightSyncExtension"
+
+
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(hf_name, tensor)`` for every parameter, through DDP (``.module``) and ``torch.compile`` wrappers.
+
+    Tied weights appear once (``named_parameters`` de-duplicates); vLLM re-ties them itself.
+    """
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return [(name, p.detach()) for name, p in model.named_parameters()]
+
+
+def stop_ids_from_config(config: Any, generation_config: Any = None) -> list[int]:
+    """EOS id(s) from a generation config or model config (HF objects or dicts), as the HF backend does."""
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    eos = get(generation_config, "eos_token_id") if generation_config is not None else None
+    if eos is None:
+        eos = get(config, "eos_token_id")
+    if eos is None:
+        raise ValueError("no stop_token_ids given and the model has no eos_token_id")
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def sampling_kwargs(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop_token_ids: Sequence[int],
+) -> dict[str, Any]:
+    """Sampling fields shared by ``SamplingParams`` and the ``/v1/completions`` body (same names in both)."""
+    return {
+        "max_tokens": int(max_new_tokens),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "top_k": int(top_k) if top_k > 0 else 0,  # 0 disables top-k in vLLM
+        "stop_token_ids": [int(t) for t in stop_token_ids],
+        "ignore_eos": True,  # stop only on the ids given (they include EOS by default), as the HF backend does
+    }
+
+
+def check_request(prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int) -> None:
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class VLLMColocateGenerator:
+    """``Generator`` over an in-process ``vllm.LLM`` (see ``alignkit.rollout.base``).
+
+    Args:
+        model: a Hugging Face model directory, or the training ``nn.Module`` itself (its config is written to a
+            temporary directory, vLLM starts with dummy weights and the module's weights are pushed in memory).
+        dtype: engine dtype; default: the module's parameter dtype, or ``"auto"`` for a directory.
+        max_model_len: longest prompt + completion; default: the model's ``max_position_embeddings``.
+        gpu_memory_utilization: fraction of accelerator memory vLLM may take (on CPU: of host memory).
+        enable_sleep_mode: offload between rollouts; None = wherever the platform supports it.
+        sleep_level: 1 offloads weights to host memory; 2 discards them (then ``update_weights`` must run
+            before every ``generate``, as RL loops do anyway).
+        tokenizer: tokenizer path; None skips loading one (ids in, ids out).
+        seed: engine seed (per-request seeds come from ``generate(seed=...)``).
+        **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``enforce_eager``, ``tensor_parallel_size``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        *,
+        dtype: str | torch.dtype | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 1,
+        tokenizer: str | None = None,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        module = model if isinstance(model, torch.nn.Module) else None
+        if module is not None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="alignkit_vllm_")
+            module.config.save_pretrained(self._tmp.name)  # config only: no weights on disk
+            path = self._tmp.name
+            llm_kwargs.setdefault("load_format", "dummy")
+            dtype = dtype or next(module.parameters()).dtype
+        else:
+            path = str(Path(model).expanduser())
+        self.model_path = path
+        self._config = _read_json(Path(path) / "config.json")
+        self._gen_config = _read_json(Path(path) / "generation_config.json")
+
+        sleep_ok = current_platform.is_sleep_mode_available()
+        if enable_sleep_mode is None:
+            enable_sleep_mode = sleep_ok
+        elif enable_sleep_mode and not sleep_ok:
+            logger.info("vLLM sleep mode is not available on this platform (%s); running without it",
+                        current_platform.device_type or "cpu")  # fmt: skip
+            enable_sleep_mode = False
+        self.sleep_level = int(sleep_level) if enable_sleep_mode else 0
+        self._asleep: set[str] = set()
+
+        threads = torch.get_num_threads()  # vLLM lowers torch's thread count "for serving"; the trainer shares it
+        with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+            self.llm = LLM(
+                model=path,
+                tokenizer=tokenizer,
+                skip_tokenizer_init=tokenizer is None,
+                dtype=str(dtype).removeprefix("torch.") if dtype is not None else "auto",
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=bool(enable_sleep_mode),
+                worker_extension_cls=EXTENSION,
+                logprobs_mode="processed_logprobs",
+                seed=seed,
+                **llm_kwargs,
+            )
+        torch.set_num_threads(threads)
+        if module is not None:
+            self.update_weights(module)
+
+    # ---- Generator protocol --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Rollouts:
+        """Sample ``n`` completions per prompt; groups contiguous. ``temperature=0`` is greedy (log-probs at τ=1).
+
+        With a seed, prompt i gets seed ``seed + i*n`` (vLLM adds the sample index), so no two samples share one.
+        """
+        from vllm import SamplingParams
+
+        check_request(prompt_ids, n, max_new_tokens)
+        stops = stop_token_ids if stop_token_ids is not None else stop_ids_from_config(self._config, self._gen_config)
+        base = sampling_kwargs(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops
+        )
+        params = [
+            SamplingParams(n=n, logprobs=0, detokenize=False, seed=None if seed is None else seed + i * n, **base)
+            for i in range(len(prompt_ids))
+        ]
+        self._wake({"weights", "kv_cache"})
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        self._sleep()
+        out = Rollouts([], [], [], [])
+        for prompt, req in zip(prompt_ids, outputs):
+            for comp in sorted(req.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                out.prompt_ids.append(list(prompt))
+                out.completion_ids.append(ids)
+                out.logprobs.append(_sampled_logprobs(ids, comp.logprobs))
+                out.finished.append(comp.finish_reason == "stop")
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s parameters into the engine in place (by reference; no disk, no serialisation)."""
+        self._wake({"weights"})
+        self.llm.collective_rpc("alignkit_load_weights", args=(named_weights(model),))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def close(self) -> None:
+        """Shut the engine down and tear down the process group vLLM made in this process."""
+        llm = getattr(self, "llm", None)
+        self.llm = None  # type: ignore[assignment]
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            with contextlib.suppress(Exception):
+                cleanup_dist_env_and_memory()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # ---- sequence scoring (tests, diagnostics) -------------------------------------------------------------
+
+    def score(self, sequences: list[list[int]], prompt_len: int = 1) -> list[list[float]]:
+        """vLLM's log p(x_t | x_<t) for t >= ``prompt_len`` of each fixed sequence (prompt log-probs, τ=1)."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+        self._wake({"weights", "kv_cache"})
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sp, use_tqdm=False)
+        self._sleep()
+        return [[o.prompt_logprobs[t][s[t]].logprob for t in range(prompt_len, len(s))] for s, o in zip(sequences, outs)]
+
+    # ---- sleep mode ----------------------------------------------------------------------------------------
+
+    def _sleep(self) -> None:
+        if self.sleep_level and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, tags: set[str]) -> None:
+        wanted = sorted(tags & self._asleep)
+        if wanted:
+            self.llm.wake_up(tags=wanted)
+            self._asleep -= set(wanted)
+
+    def __enter__(self) -> VLLMColocateGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sampled_logprobs(ids: list[int], logprobs: list[dict[int, Any]] | None) -> list[float]:
+    """The sampled token's entry of each step's ``{token_id: Logprob}`` (``logprobs=0`` returns just that one)."""
+    if logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs (was the request made with logprobs=0?)")
+    return [float(step[t].logprob) for t, step in zip(ids, logprobs)]
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
