@@ -1,47 +1,80 @@
 """SFT step time, throughput and peak memory: alignkit ``train_sft`` vs TRL 1.16 ``SFTTrainer`` vs a plain loop.
 
-    python benchmarks/sft_vs_trl.py [--steps 3] [--runs 2] [--data alpaca3] [--trl-padding-free] [--profile]
+    python benchmarks/sft_vs_trl.py [--steps 3] [--runs 2] [--threads 1] [--data fastchat]
+                                    [--trl-padding-free] [--profile] [--variants alignkit,trl,plain,trl_gc]
 
-Needs the bench extra (trl, accelerate): ``/work/venvs/dev/bin/python benchmarks/sft_vs_trl.py``.
+Needs the bench extra (trl, accelerate), e.g. ``/work/venvs/dev/bin/python benchmarks/sft_vs_trl.py``. The
+default run takes ~4 min on a quiet 2-core machine (~8 min under heavy load); ``--trl-padding-free --profile``
+adds ~2-4 min.
 
 Workload (identical for every variant): Llama-shaped model from ``LlamaConfig`` (hidden 256, 4 layers, 4 heads,
-intermediate 1024 = 4x hidden, vocab 32,000, untied head), random init with seed 0; fp32 on CPU; sdpa attention;
-no activation checkpointing; AdamW lr 2e-5, grad-norm clip 1.0. Tokenizer: Llama 2 (32,000 tokens) from the
-conformance kit with a ChatML template carrying ``{% generation %}`` markers; alignkit detects it as its
-``chatml`` format, TRL uses the markers for ``assistant_only_loss``. Both tokenize the 8 conversations to the
-same input ids and the same trained tokens (checked token by token before running). Data: 8 multi-turn
-conversations (``alpaca3``: three consecutive alpaca-cleaned instructions chained into one 3-turn conversation;
-``fastchat`` and ``dolly3`` are alternatives). Every optimizer step trains on exactly these 8 conversations
-(alignkit: 8 rows, one packed bin per epoch, one epoch per step; TRL: the 8 rows repeated, sequential sampler,
-batch size 8; plain: the same 8 each step), so per-step trained-token counts are comparable and are asserted
-equal across variants.
+intermediate 1024 = 4x hidden, vocab 32,000, untied head, ~20.6M parameters), random init with seed 0; fp32 on
+CPU; sdpa attention; no activation checkpointing; AdamW lr 2e-5, grad-norm clip 1.0. Tokenizer: Llama 2 (32,000
+tokens) from the conformance kit with a ChatML template carrying ``{% generation %}`` markers; alignkit detects it
+as its ``chatml`` format, TRL uses the markers for ``assistant_only_loss``. Before running, the script checks token
+by token that alignkit's tokenization equals HF's ``apply_chat_template(return_assistant_tokens_mask=True)``
+(input ids and trained tokens). Data: 8 multi-turn conversations per optimizer step (``fastchat``: the first 8 of
+fastchat_dummy_conversation, 1-3 turns, 872 tokens, 391 trained; ``alpaca3`` / ``dolly3`` chain three consecutive
+single-turn rows into one 3-turn conversation: ~6x more tokens, too slow for TRL within 10 minutes). Every step
+trains on exactly these 8 conversations (alignkit: the 8 rows, one packed bin per epoch, one epoch per step; TRL:
+the 8 rows repeated, sequential sampler, batch size 8; plain: the same 8 each step), and the per-step trained-token
+counts are asserted equal across variants.
 
 Variants:
 * ``alignkit``: ``train_sft`` with packing (one padding-free row per step), log-probs only at trained positions
   through the chunked LM head.
 * ``trl``: ``SFTTrainer``, ``assistant_only_loss=True``, TRL's defaults for padding (``packing=False``,
   ``padding_free=False``: right-padded batches of 8); ``gradient_checkpointing=False`` and ``bf16=False`` set
-  explicitly because TRL's SFTConfig defaults them to True. TRL 1.16 itself uses a chunked ("fused") LM head; on
-  CPU it scores every position (padding and prompt tokens included) and also computes entropy and top-1 for its
-  metrics. ``--trl-padding-free`` adds a ``trl_pf`` variant with ``padding_free=True``.
-* ``plain``: HF ``model(input_ids, attention_mask, labels)`` (full logits) on right-padded batches, AdamW.
+  explicitly (TRL's SFTConfig defaults both to True); optimizer = transformers' default ``adamw_torch_fused``. TRL
+  1.16 has its own chunked ("fused") LM head; on CPU it scores every position (padding and prompt included) and
+  also computes entropy and top-1 for its metrics. ``--trl-padding-free`` adds ``trl_pf`` (``padding_free=True``);
+  ``trl_gc`` (``--variants``) is TRL with its default gradient checkpointing on.
+* ``plain``: HF ``model(input_ids, attention_mask, labels)`` (full logits) on right-padded batches,
+  ``torch.optim.AdamW`` with default arguments, clip 1.0.
 
-Timing: seconds between the ends of consecutive optimizer steps (callbacks), i.e. collation, forward, backward,
-clipping and the optimizer; the first step is a warm-up and is dropped. alignkit runs one extra step whose time is
+Timing: the time between the ends of consecutive optimizer steps (callbacks), i.e. collation, forward, backward,
+clipping and the optimizer; the first step is a warm-up and is dropped; alignkit runs one extra step that is
 dropped too, because ``train_sft`` writes its final checkpoint inside that interval. Each variant runs ``--runs``
-times in fresh subprocesses, interleaved, and the table shows the median over all timed steps. Throughput is
-trained (assistant) tokens per second.
+times in fresh subprocesses, interleaved; the table shows medians over all timed steps. Two clocks: wall time and
+the process's CPU time (all threads). The machine's 2 cores are shared with other jobs (load average 6-14 while
+this was written), so wall time swings 2-4x within minutes, between variants run back to back; CPU time of a
+one-thread process hardly moves, so ratios are best read from it. ``--threads 1`` (default) because with torch's
+default of 2 OpenMP threads on an oversubscribed machine every parallel op waits at a barrier for the descheduled
+thread (~15 ms per op seen in the profiler): steps became 2-3x slower for all variants and the timing measured the
+scheduler. ``--threads 0`` keeps torch's default. Throughput is trained (assistant) tokens per second.
 
 Memory: each run is its own subprocess. After imports, tokenizer, data and model exist, the kernel's RSS
 high-water mark is reset (``echo 5 > /proc/self/clear_refs`` resets VmHWM) and the peak reported is
 ``VmHWM - VmRSS_at_reset`` read at the end of the last timed step: everything training needs on top of the
-model weights (tokenized data, trainer set-up, gradients, AdamW state, activations, LM-head tiles). tracemalloc
-does not see torch's allocations; VmHWM does, and is exact (no sampling). Without clear_refs it falls back to
-``ru_maxrss`` (high-water mark of the whole process, which is then an upper bound). Gradients + AdamW state of this
-~20.6M-parameter model are ~250 MB in every variant, so memory ratios are bounded below by that floor.
+model weights (tokenization, trainer set-up, gradients, AdamW state, activations, LM-head tiles). This is more
+robust than ``ru_maxrss`` minus a baseline, whose high-water mark can be set by imports or model construction
+before the baseline and then hides the training peak; VmHWM is exact (kernel-maintained, no sampling) and, unlike
+tracemalloc, sees torch's allocations. Without clear_refs it falls back to ``ru_maxrss`` (an upper bound).
+Gradients + AdamW state are ~250 MB in every variant, a floor under every ratio.
 
-Last measured (2 shared CPU cores, load from other jobs, torch 2.13 CPU, transformers 5.24, trl 1.16):
-    (filled in below after a run)
+Last measured (2 CPU cores shared with other jobs, load average ~13, --threads 1, torch 2.13 CPU, transformers
+5.24, trl 1.16; ``--trl-padding-free --profile``):
+
+    variant    wall s/step  CPU s/step  trained tok/s (CPU)  peak MB
+    alignkit          4.46        1.18                  332      553
+    trl              13.89        3.99                   98     1856
+    plain             7.57        2.15                  182      936
+    trl_pf           10.84        2.67                  147     1252
+    (trl_gc, separate run: CPU 4.2 s/step, peak 1739 MB)
+
+    alignkit/trl:    throughput 3.39x (CPU), 3.11x (wall)  goal >= 6x MISSED;  peak memory 0.30x  goal <= 0.4x met
+    alignkit/plain:  throughput 1.83x (CPU), 1.70x (wall)  goal >= 2x MISSED;  peak memory 0.59x
+    alignkit/trl_pf: throughput 2.26x (CPU), 2.43x (wall);                      peak memory 0.44x
+
+  A quiet-machine run earlier (wall, load ~3 during the first round) gave alignkit 1.0-1.1 s, trl 3.7-4.3 s,
+  plain 1.8-2.1 s, trl_pf 2.5 s per step: the same ratios.
+
+  alignkit step profile (CPU s): backbone fwd 0.21 (17%), LM head fwd 0.15 (12%), LM head bwd 0.37 (28%),
+  backbone bwd 0.41 (31%), clip + AdamW 0.19 (14%), collation 0.001. AdamW from ``make_optimizer`` (for-loop
+  implementation) 0.16 s vs 0.024 s with ``fused=True``. Chunked head fwd+bwd 0.45 s = full logits for the same
+  391 tokens 0.45 s. Backbone fwd+bwd on the 872-token packed row 0.52 s vs one document at a time 0.53 s; on
+  3488 tokens in one packed row 4.6 s vs 2.1 s one document at a time (sdpa with a block-diagonal mask computes the
+  whole (sum L)^2 attention on CPU).
 """
 
 from __future__ import annotations
@@ -204,7 +237,9 @@ def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:
     return {**intervals(marks, warmup, steps), "trained": trained[warmup : warmup + steps], "peak_mb": peak["mb"]}
 
 
-def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool, checkpointing: bool) -> dict:  # noqa: ANN001, E501
+def run_trl(  # noqa: ANN001
+    rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool, checkpointing: bool
+) -> dict:
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer

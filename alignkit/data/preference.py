@@ -12,9 +12,10 @@ tokens are exactly what inference sees. Bad rows raise `RowError` naming the row
 
 Tokenized examples are plain dicts with a dense `id` (position in the returned list): pairs hold
 `chosen_input_ids/labels` and `rejected_input_ids/labels`; unpaired examples hold `input_ids/labels`, `desirable`
-and `kl_input_ids/kl_labels` (the example's prompt with another prompt's completion, for KTO's reference point).
-Sequence ids used by reference tables: pair `id` -> `2·id` (chosen), `2·id+1` (rejected); unpaired example `id`
--> `2·id` (its completion), `2·id+1` (its mismatched KL completion).
+and optionally `kl_input_ids/kl_labels` (the example's prompt with another prompt's completion, for KTO's
+reference point). Reference tables index sequences by id: pair k -> `2k` (chosen), `2k+1` (rejected); unpaired
+example k of N -> `k` (its completion), `N+k` (its mismatched KL sequence). `pair_sequences` /
+`unpaired_sequences` list the sequences in that order, and the collators put the ids in `global_ids`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ __all__ = [
     "collate_sequences",
     "collate_pairs",
     "collate_unpaired",
+    "pair_sequences",
+    "unpaired_sequences",
     "split_pairs",
 ]
 
@@ -313,8 +316,27 @@ def tokenize_unpaired(
                 ex["kl_input_ids"], ex["kl_labels"] = kl_enc[0], kl_enc[1]
                 report.truncated["kl"] += kl_enc[2]
             out.append(ex)
+    if kl_completions:
+        for ex in out:
+            ex["kl_id"] = len(out) + ex["id"]
     report.examples = len(out)
     return out, report
+
+
+def pair_sequences(pairs: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """Every (input_ids, labels) sequence of `tokenize_pairs` output in reference-table order (2k, 2k+1)."""
+    out = []
+    for p in pairs:
+        out += [(p["chosen_input_ids"], p["chosen_labels"]), (p["rejected_input_ids"], p["rejected_labels"])]
+    return out
+
+
+def unpaired_sequences(examples: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """Every sequence of `tokenize_unpaired` output in reference-table order: completions, then KL sequences."""
+    out = [(e["input_ids"], e["labels"]) for e in examples]
+    if examples and "kl_input_ids" in examples[0]:
+        out += [(e["kl_input_ids"], e["kl_labels"]) for e in examples]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,7 +436,7 @@ def collate_unpaired(
     `desirable` `bool[N]`. See `collate_sequences` for the rest."""
     pre = "kl_" if kl else ""
     seqs = [(e[pre + "input_ids"], e[pre + "labels"]) for e in examples]
-    ids = [2 * e["id"] + int(kl) for e in examples]
+    ids = [e["kl_id"] if kl else e["id"] for e in examples]
     batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids)
     batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
     return batch

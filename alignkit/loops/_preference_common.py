@@ -44,16 +44,22 @@ def pad_token_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def check_reference_choice(cfg: Any, reference_free: bool) -> str:
-    """The reference kind the run will use; raises on combinations that cannot work."""
+def is_peft(model: torch.nn.Module | None) -> bool:
+    return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def check_reference_choice(cfg: Any, reference_free: bool, model: torch.nn.Module | None = None) -> str:
+    """The reference kind the run will use; raises on combinations that cannot work. A peft model passed in
+    counts as LoRA (cfg.lora_r may then stay 0)."""
     if reference_free:
         return "none"
     kind = cfg.reference
     if kind not in REFERENCE_KINDS or kind == "none":
         raise ValueError(f"reference={kind!r}; expected one of {[k for k in REFERENCE_KINDS if k != 'none']}")
-    if kind == "lora" and cfg.lora_r <= 0:
-        raise ValueError("reference='lora' switches the LoRA adapter off; it needs lora_r > 0")
-    if kind == "tr_dpo" and cfg.lora_r > 0:
+    lora = cfg.lora_r > 0 or is_peft(model)
+    if kind == "lora" and not lora:
+        raise ValueError("reference='lora' switches the LoRA adapter off; it needs lora_r > 0 or a peft model")
+    if kind == "tr_dpo" and lora:
         raise ValueError("reference='tr_dpo' syncs full weights; it cannot be combined with LoRA (lora_r > 0)")
     return kind
 

@@ -31,11 +31,12 @@ import torch
 
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.loading import load_rows
-from alignkit.data.preference import collate_pairs, split_pairs, tokenize_pairs
+from alignkit.data.preference import collate_pairs, pair_sequences, split_pairs, tokenize_pairs
 from alignkit.loops._preference_common import (
     StepMetrics,
     add_lora,
     check_reference_choice,
+    is_peft,
     load_policy,
     make_reference,
     model_reference,
@@ -235,14 +236,6 @@ def evaluate(model, pairs: Sequence[dict[str, Any]], cfg: DPOConfig, reference, 
     return {"eval_loss": loss_sum, **{f"eval_{k}": v for k, v in acc.result().items()}}
 
 
-def _pair_sequences(pairs: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    """Every sequence in reference-table order: id 2k = chosen of pair k, 2k+1 = its rejected."""
-    out = []
-    for p in pairs:
-        out += [(p["chosen_input_ids"], p["chosen_labels"]), (p["rejected_input_ids"], p["rejected_labels"])]
-    return out
-
-
 def train_dpo(
     cfg: DPOConfig,
     *,
@@ -263,10 +256,10 @@ def train_dpo(
     if model is None:
         model, tokenizer = load_policy(cfg)
     pad_id = pad_token_id(tokenizer)
-    kind = check_reference_choice(cfg, cfg.loss in REFERENCE_FREE)
+    kind = check_reference_choice(cfg, cfg.loss in REFERENCE_FREE, model)
     scorer = Scorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk, ld_alpha=cfg.ld_alpha)
     prebuilt = model_reference(kind, cfg, model, ref_model, scorer)  # before LoRA: a copy of the bare model
-    if cfg.lora_r > 0:
+    if cfg.lora_r > 0 and not is_peft(model):
         model = add_lora(model, cfg)
 
     # rows -> chosen/rejected tokens (pairs with an empty completion after truncation are dropped and reported)
@@ -287,7 +280,7 @@ def train_dpo(
                 yield collate_pairs(chunk, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
 
         settings = {"family": "pairs", **tok_kw}
-        sequences = lambda: _pair_sequences(pairs)
+        sequences = lambda: pair_sequences(pairs)
         return make_reference(
             kind, cfg, model, scorer, prebuilt=prebuilt, sequences=sequences, batches=batches, settings=settings
         )

@@ -26,11 +26,12 @@ import torch
 
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.loading import load_rows
-from alignkit.data.preference import collate_unpaired, tokenize_unpaired
+from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
 from alignkit.loops._preference_common import (
     StepMetrics,
     add_lora,
     check_reference_choice,
+    is_peft,
     load_policy,
     make_reference,
     model_reference,
@@ -169,14 +170,6 @@ def evaluate(model, examples: Sequence[dict], cfg: KTOConfig, reference, bco_sta
     return {"eval_loss": loss_sum, **{f"eval_{k}": v for k, v in _finish(acc.result()).items()}}
 
 
-def _sequences(examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    """Reference-table order: id 2k = example k's completion, 2k+1 = its mismatched KL sequence."""
-    out = []
-    for e in examples:
-        out += [(e["input_ids"], e["labels"]), (e["kl_input_ids"], e["kl_labels"])]
-    return out
-
-
 def train_kto(
     cfg: KTOConfig,
     *,
@@ -195,14 +188,15 @@ def train_kto(
     if model is None:
         model, tokenizer = load_policy(cfg)
     pad_id = pad_token_id(tokenizer)
-    kind = check_reference_choice(cfg, False)
+    kind = check_reference_choice(cfg, False, model)
     scorer = Scorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
     prebuilt = model_reference(kind, cfg, model, ref_model, scorer)
-    if cfg.lora_r > 0:
+    if cfg.lora_r > 0 and not is_peft(model):
         model = add_lora(model, cfg)
 
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
     rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    tok_kw["kl_completions"] = cfg.loss == "kto"  # only KTO's reference point reads mismatched sequences
     train, report = tokenize_unpaired(tokenizer, rows, **tok_kw)
     n_d = sum(e["desirable"] for e in train)
     print(f"[alignkit {cfg.loss}] train: {report}; {n_d} desirable, {len(train) - n_d} undesirable")
@@ -219,7 +213,8 @@ def train_kto(
         def batches():  # noqa: ANN202
             for i in range(0, len(examples), cfg.batch_size):
                 yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id)
-                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
+                if cfg.loss == "kto":
+                    yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
 
         settings = {"family": "unpaired", **tok_kw}
         return make_reference(
@@ -228,7 +223,7 @@ def train_kto(
             model,
             scorer,
             prebuilt=prebuilt,
-            sequences=lambda: _sequences(examples),
+            sequences=lambda: unpaired_sequences(examples),
             batches=batches,
             settings=settings,
         )

@@ -93,7 +93,7 @@ def reward_model_reward(
             am = torch.zeros((len(chunk), T), dtype=torch.long)
             for r, i in enumerate(chunk):  # right padding: positions of real tokens start at 0
                 x[r, : len(ids[i])] = torch.tensor(ids[i])
-                am[r, :] = 1
+                am[r, : len(ids[i])] = 1
             s = score(model, x.to(device), am.to(device)).float().cpu().tolist()
             for r, i in enumerate(chunk):
                 out[i] = s[r]

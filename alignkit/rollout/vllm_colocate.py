@@ -256,7 +256,9 @@ class VLLMColocateGenerator:
         self._wake({"weights", "kv_cache"})
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sp, use_tqdm=False)
         self._sleep()
-        return [[o.prompt_logprobs[t][s[t]].logprob for t in range(prompt_len, len(s))] for s, o in zip(sequences, outs)]
+        return [
+            [o.prompt_logprobs[t][s[t]].logprob for t in range(prompt_len, len(s))] for s, o in zip(sequences, outs)
+        ]
 
     # ---- sleep mode ----------------------------------------------------------------------------------------
 

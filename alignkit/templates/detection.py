@@ -11,8 +11,6 @@ from typing import Any
 
 from alignkit.templates.base import REGISTRY, Builder, ChatFormat, Rendered, TemplateError
 
-PROBE_DATE = "26 Jul 2024"
-
 PROBES: list[tuple[list[dict[str, str]], bool]] = [
     ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 😀"}], False),
     (
@@ -64,8 +62,8 @@ def _matches(fmt: ChatFormat, template: str, tokens: dict[str, str] | None) -> b
             kw[k] = tokens[k]
         elif k in fmt.switches:
             kw[k] = fmt.switches[k] or ""
-    if "date_string" in fmt.switches:
-        kw["date_string"] = PROBE_DATE
+    # No date is passed: templates that print a date then use their own default or today's date, and so
+    # does each format's `date_string` switch (None = today), whichever way the template reads the clock.
     ours_kw = {k: v for k, v in kw.items() if k in fmt.switches}
     rendered = 0
     for messages, gen in PROBES:
