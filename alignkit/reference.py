@@ -140,12 +140,33 @@ def hash_state_dict(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# Config fields that never change log-probs; saving a model fills some of them in (e.g. `architectures`).
+_CONFIG_NOISE = frozenset(
+    {
+        "transformers_version",
+        "architectures",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "dtype",  # the weight hash covers dtypes
+        "torch_dtype",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    }
+)
+
+
 def _config_fingerprint(model: torch.nn.Module) -> str:
+    """The model class and the config fields that shape the computation."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return type(model).__name__
-    skip = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
-    d = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _CONFIG_NOISE and not k.startswith("_")}
     return type(model).__name__ + json.dumps(d, sort_keys=True, default=str)
 
 

@@ -122,7 +122,7 @@ def test_micro_batch_split_is_exact(tok, agg):
         for i in range(0, len(rows), micro):
             loss, _ = micro_loss(model, batch, rows[i : i + micro], cfg, D, n_tok)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total, [p.grad.clone() for p in model.parameters()]
 
     full_loss, full = grads(7)
@@ -221,7 +221,10 @@ def test_cli_grpo_with_builtin_reward(tok, tmp_path):
     tok.save_pretrained(model_dir)
     data = tmp_path / "prompts.jsonl"
     data.write_text(
-        "".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1"}], "answer": str(i + 1)}) + "\n" for i in range(8))
+        "".join(
+            json.dumps({"prompt": [{"role": "user", "content": f"{i}+1"}], "answer": str(i + 1)}) + "\n"
+            for i in range(8)
+        )
     )
     rc = main(
         [

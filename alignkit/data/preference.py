@@ -131,7 +131,7 @@ def unpair_rows(rows: Sequence[Mapping[str, Any]], start_index: int = 0) -> list
     out = []
     for k, row in enumerate(rows):
         i = start_index + k
-        if isinstance(row, Mapping) and "label" in row:
+        if isinstance(row, Mapping) and row.get("label") is not None:
             p, c, label = _unpaired_row(row, i)
             out.append({"prompt": p, "completion": c, "label": label, "index": i})
         else:

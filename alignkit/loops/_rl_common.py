@@ -60,7 +60,8 @@ class RLConfig:
     rewards: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
     # generation
-    backend: str = "hf"  # "hf", or a dotted path to a factory `(model, tokenizer, cfg) -> Generator`
+    backend: str = "hf"  # hf | vllm_colocate | vllm_server, or a dotted path to a factory (GENERATOR_BACKENDS)
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"base_url": "http://127.0.0.1:8000"}
     group_size: int = 8  # completions per prompt (TRL num_generations)
     prompts_per_step: int = 8  # prompts per optimizer step (each step trains on prompts_per_step * group_size)
     steps_per_generation: int = 1  # optimizer steps cut from one generation round
@@ -475,14 +476,79 @@ def _stop_ids(model: torch.nn.Module, tokenizer: Any, cfg: RLConfig) -> list[int
     return ids
 
 
+def _hf_backend(model: torch.nn.Module, tokenizer: Any, cfg: RLConfig, pad_id: int) -> Generator:
+    return HFGenerator(model, pad_id, max_batch_size=cfg.generation_batch_size, **cfg.backend_kwargs)
+
+
+def _vllm_colocate(model: torch.nn.Module, tokenizer: Any, cfg: RLConfig, pad_id: int) -> Generator:
+    from alignkit.rollout.vllm_colocate import VLLMColocateGenerator
+
+    return VLLMColocateGenerator(model, seed=cfg.seed, **cfg.backend_kwargs)
+
+
+def _vllm_server(model: torch.nn.Module, tokenizer: Any, cfg: RLConfig, pad_id: int) -> Generator:
+    from alignkit.rollout.vllm_server import VLLMServerGenerator
+
+    kw = dict(cfg.backend_kwargs)
+    if "base_url" not in kw:  # no running server named: launch one on loopback serving cfg.model
+        kw.update(launch=True, model_dir=kw.get("model_dir", cfg.model))
+    return VLLMServerGenerator(**kw)
+
+
+#: backend name -> factory ``(model, tokenizer, cfg, pad_id) -> Generator``; ``cfg.backend_kwargs`` go to it.
+GENERATOR_BACKENDS: dict[str, Callable[..., Generator]] = {
+    "hf": _hf_backend,
+    "vllm_colocate": _vllm_colocate,
+    "vllm_server": _vllm_server,
+}
+
+
 def make_generator(cfg: RLConfig, model: torch.nn.Module, tokenizer: Any, pad_id: int) -> Generator:
-    """``hf`` (``HFGenerator`` on the training model), or a dotted factory ``(model, tokenizer, cfg)``."""
-    if cfg.backend == "hf":
-        return HFGenerator(model, pad_id, max_batch_size=cfg.generation_batch_size)
-    module, _, name = cfg.backend.rpartition(".")
-    if not module:
-        raise ValueError(f"unknown backend {cfg.backend!r}: use 'hf' or a dotted path to a generator factory")
-    return getattr(importlib.import_module(module), name)(model, tokenizer, cfg)
+    """A registered backend by name, or a dotted path to a factory ``(model, tokenizer, cfg, pad_id)``."""
+    factory = GENERATOR_BACKENDS.get(cfg.backend)
+    if factory is None:
+        module, _, name = cfg.backend.rpartition(".")
+        if not module:
+            raise ValueError(f"unknown backend {cfg.backend!r}: use {sorted(GENERATOR_BACKENDS)} or a dotted path")
+        factory = getattr(importlib.import_module(module), name)
+    return factory(model, tokenizer, cfg, pad_id)
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    reward_funcs: Sequence[RewardFn | str],
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    chat_format: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Mean rewards of ``n`` sampled (``temperature=0``: greedy) completions per prompt row, with the HF backend.
+
+    Returns the ``RewardSet`` metrics (``reward``, ``rewards/<name>/mean``, ...) as floats.
+    """
+    cfg = RLConfig(chat_format=chat_format, max_new_tokens=max_new_tokens, max_prompt_length=None)
+    prompts = load_prompts(rows, tokenizer, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = _stop_ids(model, tokenizer, cfg)
+    ro = HFGenerator(model, pad_id, max_batch_size=batch_size).generate(
+        [p.ids for p in prompts],
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_token_ids=stops,
+        seed=seed,
+    )
+    rep = [p for p in prompts for _ in range(n)]
+    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
+    texts = _completion_texts(tokenizer, ro.completion_ids, set(stops))
+    _, metrics = RewardSet(list(reward_funcs))([p.prompt for p in rep], texts, ro.completion_ids, **columns)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _check(cfg: RLConfig) -> None:

@@ -29,6 +29,8 @@ from alignkit.losses.preference import split_pairs
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.reward_model import load_reward_model, score
 
+STEP_METRICS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")  # pair means logged every step
+
 
 @dataclass
 class RewardConfig:
@@ -224,6 +226,7 @@ def train_reward(
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
 
     model.train()
+    device = next(model.parameters()).device
     steps = range(start, total_steps)
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -235,15 +238,16 @@ def train_reward(
         micro = [[train[i] for i in mb] for mb in plan[step]]
         # The normaliser is the step's pair count, so summed micro-batch losses give the full-batch pair mean.
         n_pairs = sum(len(mb) for mb in micro)
-        loss_sum = torch.zeros(())
-        stats = {k: torch.zeros(()) for k in ("accuracy", "margin", "rewards/chosen", "rewards/rejected")}
+        # accumulate on the model's device: one host sync per step (the log), not per micro-batch
+        loss_sum = torch.zeros((), device=device)
+        stats = {k: torch.zeros((), device=device) for k in STEP_METRICS}
         for mb in micro:
             r_c, r_r, margin = score_pairs(model, mb, pad_id)
             loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
             loss.backward()
-            loss_sum += loss.detach().cpu()
+            loss_sum += loss.detach()
             for k in stats:  # metrics are local pair means: weight by the micro-batch's pairs
-                stats[k] += met[k].cpu() * len(mb) / n_pairs
+                stats[k] += met[k] * (len(mb) / n_pairs)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         lr = scheduler.get_last_lr()[0]

@@ -14,8 +14,9 @@ Two ways in:
 
 Weights go through ``model_runner.reload_weights(..., is_checkpoint_format=True)``: vLLM's layerwise reload
 takes Hugging Face names (it fuses q/k/v and gate/up itself) and re-runs each layer's post-load processing.
-That matters on CPU, where linear layers keep a *pre-packed* copy of the weight for oneDNN and drop the
-original: a bare ``param.copy_`` would change nothing the kernels read.
+That matters on CPU, where linear layers keep a *pre-packed* copy of the weight for oneDNN and replace the
+parameter by an empty placeholder: a bare ``model.load_weights`` fails there ("no attribute weight_loader")
+and a ``param.copy_`` would change nothing the kernels read.
 
 Only strings cross the HTTP route (vLLM's rule for ``/collective_rpc``), so server-side arguments are JSON.
 """
@@ -33,24 +34,27 @@ import torch
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)}
 
 
-def make_process_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A standalone two-party (or 1 + workers) process group that never touches ``torch.distributed``'s
-    default group, so it coexists with vLLM's own group in the worker and with the trainer's own one.
-
-    Rank 0 (the trainer) owns the TCPStore; the others connect to it.
-    """
+def make_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
+    """The rendezvous store: rank 0 (the trainer) serves it (``port=0`` picks a free port: ``store.port``)."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+
+
+def make_group(backend: str, store: Any, host: str, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A standalone process group over ``store`` that never touches ``torch.distributed``'s default group, so
+    it coexists with vLLM's own group in the worker and with the trainer's. Blocks until every rank joined."""
+    import torch.distributed as dist
+
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = timeout
+        opts._timeout = timedelta(seconds=timeout_s)
         # bind to the address we rendezvous on: the default device resolves the hostname, which may not route
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        return store, dist.ProcessGroupGloo(store, rank, world_size, opts)
+        return dist.ProcessGroupGloo(store, rank, world_size, opts)
     if backend == "nccl":
-        return store, dist.ProcessGroupNCCL(store, rank, world_size)
+        return dist.ProcessGroupNCCL(store, rank, world_size)
     raise ValueError(f"weight-sync backend {backend!r}; expected 'gloo' or 'nccl'")
 
 
@@ -83,15 +87,9 @@ def _numel(shape: list[int]) -> int:
 
 def reload_into(model_runner: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load checkpoint-format ``(name, tensor)`` pairs into a vLLM model runner in place."""
-    if hasattr(model_runner, "reload_weights"):
-        model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-        return
-    # Older engines: plain load_weights, then redo post-load processing (CPU weight pre-packing and the like).
-    from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-    model = model_runner.model
-    model.load_weights(weights)
-    process_weights_after_loading(model, model_runner.model_config, model_runner.device)
+    if not hasattr(model_runner, "reload_weights"):
+        raise RuntimeError("this vLLM has no model_runner.reload_weights (in-place layerwise reload); need >= 0.32")
+    model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
 
 
 class WeightSyncExtension:
@@ -115,9 +113,10 @@ class WeightSyncExtension:
         spec = json.loads(spec_json)
         self.alignkit_close_sync()
         rank = 1 + int(getattr(self, "rank", 0))
-        self._alignkit_sync = make_process_group(  # (store, group); the store must outlive the group
-            spec["backend"], spec["host"], int(spec["port"]), rank, int(spec["world_size"]), float(spec["timeout_s"])
-        )
+        world, timeout = int(spec["world_size"]), float(spec["timeout_s"])
+        store = make_store(spec["host"], int(spec["port"]), rank, world, timeout)
+        group = make_group(spec["backend"], store, spec["host"], rank, world, timeout)
+        self._alignkit_sync = (store, group)  # the store must outlive the group
         self._alignkit_backend = spec["backend"]
         return rank
 
@@ -139,7 +138,7 @@ class WeightSyncExtension:
             for idx in bucket_layout(tensors, int(meta["bucket_bytes"])):
                 dtype = _DTYPES[tensors[idx[0]][1]]
                 flat = torch.empty(sum(_numel(tensors[i][2]) for i in idx), dtype=dtype, device=device)
-                group.broadcast([flat], 0).wait()
+                group.broadcast(flat, 0).wait()
                 offset = 0
                 for i in idx:
                     name, _, shape = tensors[i]

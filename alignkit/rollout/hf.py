@@ -68,14 +68,15 @@ def _clean_generation_config(model: torch.nn.Module) -> Iterator[None]:
     """
     from transformers import GenerationConfig
 
-    saved = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model inside
+    saved = getattr(inner, "generation_config", None)
+    inner.generation_config = GenerationConfig()
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
         yield
     finally:
-        model.generation_config = saved
+        inner.generation_config = saved
         model.train(was_training)
 
 

