@@ -1,4 +1,7 @@
-"""The embedded default: no downloads, no GPU. A tiny Llama learns two-number addition in chat form.
+"""The embedded default: no downloads, no GPU. A tiny Llama learns to double 3-digit numbers in chat form.
+
+Doubling ("2*478" -> "956") is multi-digit arithmetic with carries that a 1M-parameter model learns in a
+few hundred steps; two-operand addition needs several times more compute than a 3-minute CPU demo allows.
 
 `alignkit demo` builds a byte-level tokenizer in code and a tiny model from a config, generates the task,
 measures held-out exact-match accuracy, fine-tunes with the SFT loop, measures again, and plots the run.
@@ -23,35 +26,37 @@ FORMAT = "chatml"
 @dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
-    digits: int = 2  # operands have up to this many digits
-    train_size: int = 6000
+    digits: int = 3  # numbers have up to this many digits
+    train_size: int = 800  # distinct training problems (all that are not held out)
     eval_size: int = 200
-    steps: int = 900
+    steps: int = 400
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     hidden: int = 128
     layers: int = 4
     seed: int = 0
     progress: bool = True
-    grpo_steps: int = 30  # GRPO stage after SFT on the same task (0 = skip); its run goes to OUTPUT_DIR/grpo
-    grpo_lr: float = 5e-5
+    grpo_steps: int = 20  # GRPO stage after SFT on the same task (0 = skip); its run goes to OUTPUT_DIR/grpo
+    grpo_lr: float = 2e-4
+    grpo_temperature: float = 2.0  # sampling temperature of the GRPO stage (the SFT model is ~99% right at 1.0)
 
 
-def make_rows(n: int, digits: int, seed: int, exclude: set[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
-    """`n` distinct addition problems as chat rows; pairs in `exclude` are skipped (held-out split)."""
+def make_rows(n: int, digits: int, seed: int, exclude: set[tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """Up to `n` distinct doubling problems as chat rows (fewer if the `digits` range runs out); problems whose
+    `pair` (the operand tuple) is in `exclude` are skipped (held-out split). Each row also carries `answer`."""
     rng = random.Random(seed)
     hi = 10**digits - 1
-    seen: set[tuple[int, int]] = set(exclude or ())
+    seen: set[tuple[int, ...]] = set(exclude or ())
+    pool = [a for a in range(hi + 1) if (a,) not in seen]
+    rng.shuffle(pool)
     rows = []
-    while len(rows) < n:
-        a, b = rng.randint(0, hi), rng.randint(0, hi)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+    for a in pool[:n]:
+        answer = str(2 * a)
         rows.append(
             {
-                "messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": str(a + b)}],
-                "pair": [a, b],
+                "messages": [{"role": "user", "content": f"2*{a}"}, {"role": "assistant", "content": answer}],
+                "pair": [a],
+                "answer": answer,
             }
         )
     return rows
@@ -84,16 +89,16 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any
 
 
 def grpo_stage(cfg: DemoConfig, model: torch.nn.Module, tokenizer: Any, train_rows: list, eval_rows: list) -> dict:
-    """GRPO on the training problems with the built-in `math_answer` reward; the mean reward of completions
-    sampled at temperature 1 (4 per held-out problem) is measured before and after."""
-    from alignkit.loops._rl_common import evaluate_rewards
-    from alignkit.loops.grpo import GRPOConfig, train_grpo
+    """GRPO on the training problems with the built-in `math_answer` reward, sampling at `grpo_temperature`
+    (where the SFT model is often wrong); the mean reward of 4 such samples per held-out problem is measured
+    before and after."""
+    from alignkit.loops.grpo import GRPOConfig, evaluate_rewards, train_grpo
 
     def prompts(rows: list) -> list[dict[str, Any]]:
         return [{"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in rows]
 
     def sampled_reward() -> float:
-        kw = dict(n=4, temperature=1.0, max_new_tokens=8, chat_format=FORMAT, seed=cfg.seed)
+        kw = dict(n=4, temperature=cfg.grpo_temperature, max_new_tokens=8, chat_format=FORMAT, seed=cfg.seed)
         return evaluate_rewards(model, tokenizer, prompts(eval_rows), ["math_answer"], **kw)["reward"]
 
     before = sampled_reward()
@@ -104,6 +109,7 @@ def grpo_stage(cfg: DemoConfig, model: torch.nn.Module, tokenizer: Any, train_ro
         group_size=8,
         prompts_per_step=16,
         max_new_tokens=8,
+        temperature=cfg.grpo_temperature,
         micro_batch_size=128,
         max_steps=cfg.grpo_steps,
         lr=cfg.grpo_lr,
@@ -113,7 +119,8 @@ def grpo_stage(cfg: DemoConfig, model: torch.nn.Module, tokenizer: Any, train_ro
     )
     train_grpo(grpo, model=model, tokenizer=tokenizer, train_data=prompts(train_rows))
     after = sampled_reward()
-    print(f"[demo] GRPO, {cfg.grpo_steps} steps: mean reward of sampled answers (T=1) {before:.3f} -> {after:.3f}")
+    T = cfg.grpo_temperature
+    print(f"[demo] GRPO, {cfg.grpo_steps} steps: mean reward of samples at T={T:g}: {before:.3f} -> {after:.3f}")
     return {"grpo_reward_before": before, "grpo_reward_after": after}
 
 
@@ -136,7 +143,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
 
     before = exact_match(model, tokenizer, eval_rows)
     print(f"[demo] tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), byte tokenizer")
-    print(f"[demo] {len(train_rows)} training problems, {len(eval_rows)} held out; exact match before: {before:.1%}")
+    print(
+        f"[demo] task: double a number (2*478 -> 956); {len(train_rows)} training problems, {len(eval_rows)} held out"
+    )
+    print(f"[demo] held-out exact match before training: {before:.1%}")
     sft = SFTConfig(
         output_dir=cfg.output_dir,
         chat_format=FORMAT,
@@ -150,6 +160,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
         schedule="cosine",
         min_lr_ratio=0.05,
         weight_decay=0.01,
+        adam_beta2=0.95,
         seed=cfg.seed,
         log_every=10,
         progress=cfg.progress,

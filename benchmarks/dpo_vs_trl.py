@@ -1,10 +1,83 @@
 """DPO step time and peak memory: alignkit ``train_dpo`` (precomputed reference) vs TRL 1.16 ``DPOTrainer``.
 
-    python benchmarks/dpo_vs_trl.py [--steps 3] [--warmup 1] [--runs 2] [--threads 1] [--max-length 256]
-                                    [--data hh] [--variants alignkit,trl_ref,trl_pre] [--profile]
+    python benchmarks/dpo_vs_trl.py [--steps 2] [--warmup 1] [--runs 2] [--threads 1] [--max-length 256]
+                                    [--data hh|llamafactory] [--variants alignkit,trl_ref,trl_pre] [--profile]
 
-Needs the bench extra (trl, accelerate), e.g. ``/work/venvs/dev/bin/python benchmarks/dpo_vs_trl.py``.
-RESULTS: filled in below after the first full run.
+Needs the bench extra (trl, accelerate), e.g. ``/work/venvs/dev/bin/python benchmarks/dpo_vs_trl.py``. The default
+run takes ~11 min of wall time with the machine's load average at ~12 (2.5 min of CPU time), ~4-5 min on a quiet
+2-core machine. ``--variants alignkit,alignkit_pack --profile`` takes ~4-6 min.
+
+Workload (identical for every variant): the Llama-shaped model of ``sft_vs_trl.py`` (``LlamaConfig`` hidden 256,
+4 layers, 4 heads, intermediate 1024, vocab 32,000, untied head, ~20.6M parameters), random init with seed 0; fp32
+on CPU; sdpa attention; no activation checkpointing; sigmoid DPO, beta 0.1, lr 1e-6 constant, grad-norm clip 1.0.
+Tokenizer: Llama 2 (32,000 tokens) from the conformance kit with the real Llama-2-chat template, which alignkit
+detects as its ``llama-2`` format. Data: 8 conversational pairs per optimizer step from ``hh_rlhf_harmless``
+(multi-turn prompts, one assistant answer each): the first 8 rows, in file order, whose prompt+chosen and
+prompt+rejected both fit in ``--max-length`` tokens (so neither side truncates) and on which alignkit's token split
+equals TRL's. Before running, the script tokenizes every candidate row both ways (TRL: its own ``tokenize_fn`` logic,
+prompt with generation prompt vs prompt+completion, common prefix) and compares input ids and scored positions token
+by token; rows 2, 4-9, 11 qualify at 256 tokens (2,062 tokens, 3,344 padded, 728 completion tokens scored). Every
+step trains on exactly these 8 pairs (alignkit: one epoch of 8 = one step; TRL: the 8 rows, sequential sampler,
+batch size 8, ``max_length`` 256 ``keep_start``). The scored completion tokens and real tokens per step are asserted
+equal in every variant, and so are the per-step losses (to 1e-4: 0.69315, 0.68420, 0.67538 in all), which checks
+that the same tokens, reference and update rule are used.
+
+Variants:
+* ``alignkit``: ``train_dpo`` with ``reference="precomputed"``: one no-grad pass of the initial policy before step
+  1 (an empty cache directory per run, so the pass runs; it is in the dropped warm-up interval), then a table
+  lookup; no reference model exists during training. Padded batches (the loop's default ``packing=False``), one
+  forward of the 16 sequences, log-probs only at completion positions through the chunked LM head. Optimizer:
+  ``make_optimizer`` (fused AdamW). ``alignkit_pack`` (``--variants``) is the same with ``packing=True``.
+* ``trl_ref``: ``DPOTrainer`` with a reference model: a deep copy of the policy made after the memory baseline
+  (TRL's default, ``ref_model=None``, reloads the policy from its hub path, which a model built from a config
+  lacks), so it counts in the peak as TRL's own copy would.
+* ``trl_pre``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` (``precompute_ref_batch_size=8``): TRL's own
+  reference pass in ``__init__``, no reference model during training.
+  Both TRL variants: ``gradient_checkpointing=False`` and ``bf16=False`` set explicitly (TRL's DPOConfig defaults
+  both to True), optimizer = transformers' default ``adamw_torch_fused``. TRL 1.16's fused LM head scores only
+  completion positions on Triton devices, but on CPU it scores every position of the padded batch in one 32,768-token
+  tile (full ``[3328, 32000]`` fp32 logits) and also computes entropy, mean logit and top-1 for its metrics.
+
+Timing and memory as in ``sft_vs_trl.py``: the time between the ends of consecutive optimizer steps (callbacks); the
+first step is a warm-up and is dropped (it also holds alignkit's tokenization and reference pass); alignkit runs one
+extra step that is dropped too (``train_dpo`` writes its final checkpoint inside it). Each variant runs ``--runs``
+times in fresh subprocesses, interleaved; medians over all timed steps; wall time and the process's CPU time (ratios
+are best read from CPU time on this shared, loaded machine); ``--threads 1`` by default. Peak memory: VmHWM reset
+(``/proc/self/clear_refs``) after imports, tokenizer, data and policy exist, read at the end of the last timed step:
+everything training needs on top of the policy weights (tokenization, reference pass or reference model, gradients,
+AdamW state ~250 MB, activations, LM-head tiles). ``startup+warm-up`` in the per-run lines is the wall time from the
+baseline to the end of the first step.
+
+Last measured (2 CPU cores shared with other jobs, load average 11-13, --threads 1, torch 2.13 CPU, transformers
+5.24, trl 1.16; default run, then ``--variants alignkit,alignkit_pack --profile`` separately):
+
+    variant        wall s/step   CPU s/step   steps/s (CPU)   peak MB
+    alignkit              7.33         2.13           0.469       957
+    trl_ref              30.18        11.43           0.088      4165
+    trl_pre              38.49         9.69           0.103      4044
+    (separate run: alignkit 2.41 CPU s/step, 911 MB; alignkit_pack 2.07 CPU s/step, 796 MB)
+
+    alignkit/trl_ref: steps/s 5.36x (CPU), 4.11x (wall)  goal >= 4x met;  peak memory 0.23x  goal <= 0.5x met
+    alignkit/trl_pre: steps/s 4.54x (CPU), 5.25x (wall)  goal >= 4x met;  peak memory 0.24x  goal <= 0.5x met
+
+  alignkit CPU s/step varied 2.0-2.7 between runs (cache contention), TRL 8.9-12.5; wall time swings ~2x with load.
+
+  alignkit step profile (CPU s): backbone fwd 0.56 (25%), LM head fwd 0.23 (10%), LM head bwd 0.53 (23%), backbone
+  bwd 0.91 (40%), clip + fused AdamW 0.03, collate + loss 0.003. Same batch: backbone fwd+bwd 1.38 s on the 3,344
+  padded positions vs 1.07 s packed (2,500 positions; 2,062 real tokens); LM head fwd+bwd 0.65 s chunked on the 728
+  completion tokens vs 4.44 s with full logits and entropy on all 3,328 padded positions, as TRL does on CPU. So
+  TRL's CPU step is mostly its head (~4.4 s of ~10), plus ~1.7 s for the reference forward in ``trl_ref``; its peak
+  is the full-vocabulary logits tile (3,328 x 32,000 fp32 = 426 MB per copy, several copies live). alignkit's own
+  largest costs are the backbone on padding (38% of padded positions are pad; ``packing=True`` saves ~15% CPU and
+  ~120 MB) and the head backward, which recomputes each logits tile (2.3x the head forward). On a GPU, TRL's head
+  scores only completion positions, so the ratios there would be smaller than these CPU ones.
+
+  ``--data llamafactory`` (rows 10, 11, 21, 23, 43, 44, 69, 75: longer answers, 1,201 of 2,315 tokens scored, 4,064
+  padded positions; one run, 2 timed steps): alignkit 3.05 CPU s/step, 1089 MB; alignkit_pack 2.33 s, 839 MB;
+  trl_pre 11.08 s, 4923 MB. Padded alignkit MISSES the speed goal there (3.63x, memory 0.22x); packed meets it
+  (4.74x, 0.17x). Profile (CPU s): backbone fwd+bwd 1.87 padded vs 1.27 packed (43% of padded positions are pad),
+  LM head fwd 0.35 + bwd 0.91 on 1,201 tokens. The bottleneck is the backbone's work on padding: ``packing=True``
+  removes it.
 """
 
 from __future__ import annotations

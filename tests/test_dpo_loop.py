@@ -202,7 +202,7 @@ def demo_pairs(rows: list[dict], seed: int) -> list[dict]:
         {
             "prompt": r["messages"][:1],
             "chosen": r["messages"][1:],
-            "rejected": [A(off_by_one_digit(sum(r["pair"]), rng))],
+            "rejected": [A(off_by_one_digit(int(r["answer"]), rng))],
         }
         for r in rows
     ]

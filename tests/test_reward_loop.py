@@ -44,21 +44,33 @@ def tiny_reward_model(kind: str = "seqcls", seed: int = 0) -> torch.nn.Module:
     return ScalarHeadModel(AutoModel.from_config(tiny_config(pad_token_id=PAD)), 32)
 
 
-def sum_pairs(rows: list[dict], seed: int) -> list[dict]:
-    """Demo problems as explicit-prompt conversational pairs: chosen = the sum, rejected = a sum off by 1..10."""
+def wrong_answer_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Chat rows with a numeric answer -> explicit-prompt conversational pairs: chosen = the right answer,
+    rejected = a wrong number near it (off by 1 to 10)."""
     rng = random.Random(seed)
     out = []
     for r in rows:
-        s = sum(r["pair"])
-        wrong = s + rng.choice([d for d in range(-10, 11) if d and s + d >= 0])
+        right = int(r["messages"][1]["content"])
+        wrong = right + rng.choice([d for d in range(-10, 11) if d and right + d >= 0])
         out.append(
             {
                 "prompt": r["messages"][:1],
-                "chosen": [{"role": "assistant", "content": str(s)}],
+                "chosen": [{"role": "assistant", "content": str(right)}],
                 "rejected": [{"role": "assistant", "content": str(wrong)}],
             }
         )
     return out
+
+
+def sum_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append(
+            {"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": str(a + b)}]}
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,8 +202,8 @@ def test_reward_model_learns_to_prefer_correct_sums(demo_run, tmp_path):
     d = DemoConfig()
     eval_rows = make_rows(d.eval_size, d.digits, seed=d.seed + 1)  # the demo's own held-out problems
     held_out = {tuple(r["pair"]) for r in eval_rows}
-    train = sum_pairs(make_rows(800, d.digits, seed=7, exclude=held_out), seed=0)
-    evals = sum_pairs(eval_rows, seed=1)
+    train = wrong_answer_pairs(make_rows(800, d.digits, seed=7, exclude=held_out), seed=0)
+    evals = wrong_answer_pairs(eval_rows, seed=1)
 
     model, tok = load_reward_model(demo_run["checkpoint"], seed=0)
     cfg = RewardConfig(
@@ -232,7 +244,7 @@ class Crash(Exception):
 
 
 def _resume_run(run_dir, *, resume: bool, crash_at: int | None = None) -> None:
-    rows = sum_pairs(make_rows(96, 2, seed=0), seed=0)
+    rows = wrong_answer_pairs(sum_rows(96, seed=0), seed=0)
     for i, r in enumerate(rows):
         r["margin"] = (i % 3) * 0.5  # the margin column travels through the plan and the checkpoint
 
@@ -289,7 +301,7 @@ def test_cli_trains_from_a_causal_lm_folder(tmp_path):
     build_tiny_model(tiny_config(pad_token_id=PAD), seed=0).save_pretrained(tmp_path / "lm")
     TOK.save_pretrained(tmp_path / "lm")
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in sum_pairs(make_rows(16, 2, seed=0), seed=0)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in wrong_answer_pairs(sum_rows(16, seed=0), seed=0)))
     out = tmp_path / "run"
     args = [f"model={tmp_path / 'lm'}", f"dataset={data}", f"output_dir={out}", "batch_size=4", "progress=false"]
     assert main(["reward", *args, "chat_format=chatml"]) == 0

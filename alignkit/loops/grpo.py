@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.loops._rl_common import RLConfig, train_policy_gradient
+from alignkit.loops._rl_common import RLConfig, evaluate_rewards, train_policy_gradient
 from alignkit.losses.advantages import grpo_advantages
 from alignkit.rollout import Generator
+
+__all__ = ["GRPOConfig", "evaluate_rewards", "grpo_round_advantages", "train_grpo"]
 
 
 @dataclass
