@@ -36,6 +36,7 @@ from alignkit.logprobs import DEFAULT_TOKEN_CHUNK, model_token_logps, segment_su
 __all__ = [
     "REFERENCE_KINDS",
     "batch_sequence_logps",
+    "Scorer",
     "hash_state_dict",
     "hash_sequences",
     "reference_cache_key",

@@ -16,7 +16,7 @@ from alignkit.data.collate import pad_collate
 from alignkit.data.rows import RowError
 from alignkit.demo import DemoConfig, make_rows
 from alignkit.loops.common import read_metrics
-from alignkit.loops.reward import RewardConfig, evaluate, pair_rows, tokenize_pairs, train_reward
+from alignkit.loops.reward import RewardConfig, evaluate, tokenize_pairs, train_reward
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.reward_model import ScalarHeadModel, build_reward_model, last_token_index, load_reward_model, score
 
@@ -173,14 +173,15 @@ def test_explicit_and_implicit_prompts_give_the_same_tokens():
 @pytest.mark.parametrize(
     ("row", "needle"),
     [
-        ({"prompt": "a", "chosen": "b"}, "row 0, field 'rejected'"),
-        ({"chosen": "b", "rejected": [{"role": "assistant", "content": "c"}]}, "field 'chosen/rejected'"),
-        ({"prompt": "a", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "d"}, "chosen/rejected"),
+        ({"prompt": "a", "chosen": "b"}, "row 1, field 'rejected'"),
+        ({"chosen": "b", "rejected": [{"role": "assistant", "content": "c"}]}, "row 1, field 'chosen/rejected'"),
+        ({"prompt": "a", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "d"}, "row 1, field"),
     ],
 )
 def test_bad_rows_name_row_and_field(row, needle):
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
     with pytest.raises(RowError, match=None) as e:
-        pair_rows(row, 0)
+        tokenize_pairs([good, row], TOK, chat_format="chatml", max_length=None)
     assert needle in str(e.value)
 
 
@@ -197,8 +198,8 @@ def test_partial_margin_column_is_an_error_unless_unused():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_reward_model_learns_to_prefer_correct_sums(demo_run, tmp_path):
-    """From the SFT'd demo model: held-out pairwise accuracy goes from chance to >= 0.85."""
+def test_reward_model_learns_to_prefer_right_answers(demo_run, tmp_path):
+    """From the SFT'd demo model: held-out pairwise accuracy goes from chance to >= 0.85 (0.915 when written)."""
     d = DemoConfig()
     eval_rows = make_rows(d.eval_size, d.digits, seed=d.seed + 1)  # the demo's own held-out problems
     held_out = {tuple(r["pair"]) for r in eval_rows}
@@ -213,8 +214,8 @@ def test_reward_model_learns_to_prefer_correct_sums(demo_run, tmp_path):
         lr=1e-3,
         warmup_steps=5,
         schedule="cosine",
-        epochs=1,
-        eval_every=10,
+        epochs=2,
+        eval_every=25,
         progress=False,
     )
     ev_pairs, _ = tokenize_pairs(evals, tok, chat_format="chatml", max_length=None)
@@ -222,14 +223,14 @@ def test_reward_model_learns_to_prefer_correct_sums(demo_run, tmp_path):
     out = train_reward(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals)
     records = read_metrics(tmp_path / "rm")
     after = records[-1]
-    assert out["steps"] == 25 and after["step"] == 25
+    assert after["step"] == out["steps"] >= 40
     keys = {"step", "loss", "lr", "grad_norm", "accuracy", "margin", "rewards/chosen", "rewards/rejected"}
     assert keys <= set(records[0]) and "eval_accuracy" in after
     assert abs(before["eval_accuracy"] - 0.5) < 0.2, before
     assert after["eval_accuracy"] >= 0.85, (before, after)
     assert after["eval_margin"] > before["eval_margin"] + 1.0
     # the saved checkpoint is the trained model: reloading reproduces the final evaluation
-    reloaded, _ = load_reward_model(tmp_path / "rm" / "checkpoint-25")
+    reloaded, _ = load_reward_model(tmp_path / "rm" / f"checkpoint-{out['steps']}")
     again = evaluate(reloaded, ev_pairs, cfg, tok.pad_token_id)
     assert abs(again["eval_accuracy"] - after["eval_accuracy"]) < 1e-9
 

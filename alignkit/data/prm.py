@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data.rows import RowError, _check_messages
+from alignkit.data.tokenize import resolve_format, tokenizer_switches
+from alignkit.losses.reward import prm_labels
 
 IGNORE_INDEX = -100
 MATH_SHEPHERD_MARKER = "ки"
@@ -278,8 +280,6 @@ def _prompt_texts(tokenizer: Any, prompts: Sequence[Any], chat_format: Any) -> t
             rendered.append(False)
             continue
         if fmt is None:
-            from alignkit.data.tokenize import resolve_format, tokenizer_switches
-
             fmt = resolve_format(tokenizer, chat_format)
             sw = tokenizer_switches(tokenizer, fmt)
         texts.append(fmt.render(p, add_generation_prompt=True, **sw).text)
@@ -346,8 +346,6 @@ class PRMTokenizeReport:
 def _encode_one(
     layout: StepLayout, labels: list[float], soft: bool, max_length: int | None, last_only: bool
 ) -> tuple[dict[str, Any], int]:
-    from alignkit.losses.reward import prm_labels
-
     hard = [int(q > 0.5) for q in labels]
     lab = prm_labels(
         layout.counts, len(layout.sep_ids), len(layout.prompt_ids), hard, train_on_last_step_only=last_only

@@ -10,8 +10,14 @@ KTO's reference point z0 from the step's mismatched sequences (no grad), then pe
     train_kto(KTOConfig(model="runs/sft/checkpoint-900", dataset="labels.jsonl", output_dir="runs/kto"))
 
 z0 (LOSSES.md §5): Σ(π′−ρ′)/count over the step's mismatched sequences (all micro-batches), clamped at ≥ 0 and
-detached; it is recomputed with the current policy every step. BCO's running reward mean is loop state: updated
-per micro-batch (update-then-use, TRL's order), carried across steps and saved in checkpoints.
+detached; it is recomputed with the current policy every step. Each example's mismatched sequence pairs its prompt
+with the completion of the next example whose prompt differs (fixed when tokenizing, so a precomputed reference
+covers it). BCO's running reward mean is loop state: updated per micro-batch (update-then-use, TRL's order),
+carried across steps and saved in checkpoints.
+
+Config keys beyond the SFT-like ones: loss ("kto" | "apo_zero_unpaired" | "bco"), beta, desirable_weight,
+undesirable_weight, and the reference keys of the DPO loop (reference, reference_cache_dir, ref_model,
+tr_dpo_alpha, tr_dpo_sync_steps).
 """
 
 from __future__ import annotations

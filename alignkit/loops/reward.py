@@ -22,8 +22,8 @@ import torch
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
+from alignkit.data.preference import tokenize_pairs as tokenize_preference_pairs
 from alignkit.data.rows import RowError
-from alignkit.data.tokenize import tokenize_rows
 from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
 from alignkit.losses.preference import split_pairs
 from alignkit.losses.reward import bradley_terry_loss
@@ -67,29 +67,6 @@ class RewardConfig:
     progress: bool = True
 
 
-def pair_rows(row: Mapping[str, Any], index: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A preference row -> (chosen row, rejected row) that `tokenize_rows` accepts (TRL's four formats).
-
-    Explicit prompt, plain or conversational: `{"prompt": p, "completion": c}` for each side. Implicit prompt
-    (no `prompt` field; the shared prefix is the prompt): the full conversation or text of each side, which
-    renders to the same tokens as prompt + completion. Bad rows raise `RowError` naming the row and field.
-    """
-    if not isinstance(row, Mapping):
-        raise RowError(index, "<row>", "a dict with 'chosen' and 'rejected'", type(row))
-    for key in ("chosen", "rejected"):
-        if row.get(key) is None:
-            raise RowError(index, key, "a string or a list of messages", "missing")
-    c, r = row["chosen"], row["rejected"]
-    if isinstance(c, str) != isinstance(r, str):
-        raise RowError(index, "chosen/rejected", "both strings or both lists of messages", (type(c), type(r)))
-    if row.get("prompt") is not None:
-        p = row["prompt"]
-        return {"prompt": p, "completion": c}, {"prompt": p, "completion": r}
-    if isinstance(c, str):
-        return {"text": c}, {"text": r}
-    return {"messages": c}, {"messages": r}
-
-
 def _margins(rows: Sequence[Mapping[str, Any]], use: bool) -> list[float] | None:
     """The `margin` column as floats, None when absent or unused; a partly missing column is an error."""
     if not use or not any(r.get("margin") is not None for r in rows):
@@ -113,26 +90,21 @@ def tokenize_pairs(
 ) -> tuple[list[dict[str, Any]], int]:
     """Rows -> [{"chosen_ids", "rejected_ids", "margin"?}], dropping pairs with a side over `max_length`.
 
-    Returns (pairs, number dropped). Every token counts (`train_on="all"`): only the ids matter here.
+    Rows are read by `alignkit.data.preference` (explicit or implicit prompt, plain or conversational; the
+    implicit prompt renders to the same tokens). Only the ids matter here, so labels are ignored. Returns
+    (pairs, number dropped).
     """
-    sides = [pair_rows(r, i) for i, r in enumerate(rows)]
-    kw = dict(chat_format=chat_format, train_on="all")
-    chosen, rep_c = tokenize_rows(tokenizer, [s[0] for s in sides], **kw)
-    rejected, rep_r = tokenize_rows(tokenizer, [s[1] for s in sides], **kw)
-    for side, rep in (("chosen", rep_c), ("rejected", rep_r)):
-        if rep.dropped_no_trainable:
-            raise RowError(rep.dropped_indices[0], side, "a non-empty sequence", "no tokens")
+    examples, report = tokenize_preference_pairs(tokenizer, rows, chat_format=chat_format)
     margins = _margins(rows, use_margin)
-    pairs, dropped = [], 0
-    for i, (c, r) in enumerate(zip(chosen, rejected)):
-        if max_length is not None and max(len(c["input_ids"]), len(r["input_ids"])) > max_length:
-            dropped += 1
+    pairs = []
+    for e in examples:
+        if max_length is not None and max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) > max_length:
             continue
-        pair = {"chosen_ids": c["input_ids"], "rejected_ids": r["input_ids"]}
+        pair = {"chosen_ids": e["chosen_input_ids"], "rejected_ids": e["rejected_input_ids"]}
         if margins is not None:
-            pair["margin"] = margins[i]
+            pair["margin"] = margins[e["index"]]
         pairs.append(pair)
-    return pairs, dropped
+    return pairs, report.rows - len(pairs)
 
 
 def score_pairs(
@@ -196,7 +168,7 @@ def train_reward(
         raise ValueError("RewardConfig.dataset is empty: name a file, folder or hub id of preference rows")
     train_rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
     train, dropped = tokenize_pairs(train_rows, tokenizer, **tok_kw)
-    print(f"[alignkit reward] train: {len(train)} pairs, {dropped} dropped as longer than max_length={cfg.max_length}")
+    print(f"[alignkit reward] train: {len(train)} pairs; {dropped} dropped (empty, or longer than {cfg.max_length})")
     evals: list[dict[str, Any]] = []
     if eval_data is not None or cfg.eval_dataset:
         eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
