@@ -22,3 +22,18 @@ def demo_run(tmp_path_factory) -> dict:
         "checkpoint": latest_checkpoint(out),
         "result": json.loads((Path(out) / "demo_result.json").read_text()),
     }
+
+
+def _hypothesis_profile() -> None:
+    """In CI (CI=true) hypothesis runs derandomized: the same examples every run, so a red build is
+    reproducible and never a coin flip. Locally it explores new examples each run."""
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+_hypothesis_profile()

@@ -120,8 +120,10 @@ def reference64(t, pc, pr, rc, rr, nc, nr, *, beta, eps, tau=0.05, ipo_norm=True
         dd = sc / nc - sr / nr if ipo_norm else d
         return (dd - 1 / (2 * beta)) ** 2
     if t == "exo_pair":
-        q = sig(beta * d)
-        return q * (torch.log(q) - math.log(1 - eps)) + (1 - q) * (torch.log(1 - q) - math.log(eps))
+        # log q and log(1-q) as logsigmoid(±z): the naive log(1 - q) is -inf once q rounds to 1 in float64
+        z = beta * d
+        q = sig(z)
+        return q * (ls(z) - math.log(1 - eps)) + (1 - q) * (ls(-z) - math.log(eps))
     if t == "nca_pair":
         return -ls(beta * hc) - 0.5 * ls(-beta * hc) - 0.5 * ls(-beta * hr)
     if t == "robust":

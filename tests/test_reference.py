@@ -136,12 +136,13 @@ def _loop_cfg(tmp_path, name: str, **kw) -> DPOConfig:
 
 def test_dpo_loop_second_run_skips_the_reference_pass(tmp_path):
     counts = []
+    before = _live_llamas()  # models other tests of this session may still hold
     first = train_dpo(
         _loop_cfg(tmp_path, "a"),
         model=_model(),
         tokenizer=TOK,
         train_data=ROWS,
-        callbacks=[lambda step, rec: counts.append(_live_llamas())],
+        callbacks=[lambda step, rec: counts.append(_live_llamas() - before)],
     )
     assert counts == [1, 1]  # precomputed: no reference model exists during training
     assert first["reference"]["cache_hit"] is False and first["reference"]["forward_passes"] == 3
@@ -160,6 +161,7 @@ def test_lora_reference_is_the_adapter_off_base_model(tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
+    before = _live_llamas()  # models other tests of this session may still hold
     lora = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     counts = []
     summary = train_dpo(
@@ -167,7 +169,7 @@ def test_lora_reference_is_the_adapter_off_base_model(tmp_path):
         model=lora,
         tokenizer=TOK,
         train_data=ROWS,
-        callbacks=[lambda step, rec: counts.append(_live_llamas())],
+        callbacks=[lambda step, rec: counts.append(_live_llamas() - before)],
     )
     assert summary["reference"]["kind"] == "lora"
     assert counts == [1, 1]  # one model in memory: the reference is the same module with the adapter off
