@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from transformers import masking_utils
 
-IGNORE_INDEX = -100
+from alignkit.logprobs import IGNORE_INDEX
+
 _SPECIAL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 

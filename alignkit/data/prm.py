@@ -25,9 +25,9 @@ from typing import Any
 
 from alignkit.data.rows import RowError, _check_messages
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
+from alignkit.logprobs import IGNORE_INDEX
 from alignkit.losses.reward import prm_labels
 
-IGNORE_INDEX = -100
 MATH_SHEPHERD_MARKER = "ки"
 STEP_HEADER = r"Step\s*\d+\s*:"
 

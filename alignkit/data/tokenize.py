@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from alignkit.data.rows import RowError, Sample, normalize_row
+from alignkit.logprobs import IGNORE_INDEX
 from alignkit.templates import ChatFormat, Rendered, TemplateError, detect, get_format
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "last", "completion", "all")
 TRUNCATION = ("right", "left", "error")
 

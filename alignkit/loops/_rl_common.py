@@ -35,13 +35,12 @@ from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.rows import RowError
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
-from alignkit.logprobs import model_token_logps
+from alignkit.logprobs import IGNORE_INDEX, model_token_logps
 from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer
 from alignkit.losses.policy import kl_penalized_rewards, pg_loss, rollout_is_weights
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Generator, HFGenerator
 
-IGNORE_INDEX = -100
 RewardFn = Callable[..., list]
 
 

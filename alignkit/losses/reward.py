@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.logprobs import IGNORE_INDEX
 from alignkit.losses.normalizer import Normalizer, normalize
 
 __all__ = [
@@ -23,8 +24,6 @@ __all__ = [
     "STEP_AGGREGATIONS",
     "aggregate_step_scores",
 ]
-
-IGNORE_INDEX = -100
 
 
 def _pair_rewards(rewards: Tensor, name: str) -> Tensor:
