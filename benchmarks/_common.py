@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,3 +101,16 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
         print(line(r))
+
+
+def run_child(
+    script: str | Path, args: Sequence[str], *, python: str = sys.executable, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python script *args`` in a fresh process and return the JSON object on its last stdout line; on a
+    non-zero exit, print the tail of its output and exit (a benchmark variant that fails is not a number)."""
+    full_env = {**os.environ, **env} if env else None
+    proc = subprocess.run([python, str(script), *args], capture_output=True, text=True, env=full_env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"child {list(args)} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

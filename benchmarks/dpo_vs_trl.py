@@ -86,7 +86,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +94,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import run_child  # noqa: E402
 from sft_vs_trl import PeakRSS, clock, intervals, model  # noqa: E402  (the SFT benchmark's helpers)
 
 DATA = ROOT.parent / "shared" / "data"
@@ -477,11 +477,7 @@ def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, ma
 
 
 def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"child {args} failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args)
 
 
 def main() -> None:

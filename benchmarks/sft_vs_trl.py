@@ -84,11 +84,12 @@ import json
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -497,12 +498,7 @@ def profile_alignkit(data: str, reps: int, threads: int) -> dict:
 
 
 def _spawn(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"child {args} failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args)
 
 
 def check_same_tokens(data: str) -> tuple[int, int]:

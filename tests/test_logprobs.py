@@ -157,6 +157,53 @@ def test_chunked_gradcheck_fp64_all_extras():
     assert torch.autograd.gradcheck(f, (h, W, b))
 
 
+def test_chunked_kept_logits_equal_recomputed_and_skip_the_recompute(monkeypatch):
+    """keep_logits_mb: backward reuses forward's tiles (no _tile_logits call in backward) and gives the same
+    gradients bit for bit; a second backward (retain_graph) recomputes; over budget it recomputes."""
+    import alignkit.logprobs as lp
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(23, 8, generator=g, requires_grad=True)
+    W = torch.randn(37, 8, generator=g, requires_grad=True)
+    b = torch.randn(37, generator=g, requires_grad=True)
+    y = torch.randint(0, 37, (23,), generator=g)
+    y[4] = -100
+    calls = {"n": 0}
+    real = lp._tile_logits
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(lp, "_tile_logits", counting)
+    coefs = {k: torch.randn(23, generator=g) for k in FLOAT_OUTS}
+
+    def run(keep_mb: float, retain: bool = False):
+        calls["n"] = 0
+        o = chunked_token_logps(h, W, y, bias=b, temperature=0.8, softcap=3.0, token_chunk=5, vocab_chunk=10,
+                                extras=EXTRAS, keep_logits_mb=keep_mb)  # fmt: skip
+        loss = weighted_sum(o, coefs)
+        n_fwd = calls["n"]
+        out = [torch.autograd.grad(loss, (h, W, b), retain_graph=retain)]
+        if retain:
+            out.append(grads_of(loss, (h, W, b)))
+        return out, n_fwd, calls["n"] - n_fwd
+
+    size_mb = 23 * 37 * 4 / 2**20
+    (base,), fwd, bwd = run(0.0)
+    assert bwd == fwd == 5 * 4  # 5 token tiles x 4 vocab tiles, recomputed in backward
+    (kept,), fwd, bwd = run(size_mb * 1.01)
+    assert fwd == 20 and bwd == 0
+    for x, z in zip(base, kept):
+        assert torch.equal(x, z)
+    (over,), _, bwd = run(size_mb * 0.99)
+    assert bwd == 20
+    (first, second), _, bwd = run(1.0, retain=True)
+    assert bwd == 20  # only the second backward recomputes
+    for x, z, w in zip(base, first, second):
+        assert torch.equal(x, z) and torch.equal(x, w)
+
+
 def test_chunked_tied_head_accumulates_both_uses():
     # Tied embeddings: the same matrix embeds the inputs and scores the outputs; both gradient paths count.
     g = torch.Generator().manual_seed(1)

@@ -8,6 +8,7 @@ import torch
 from alignkit.logprobs import model_token_logps
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout import Generator, HFGenerator, Rollouts
+from alignkit.rollout.hf import sample_tokens
 
 VOCAB = 48
 PAD = 0
@@ -75,6 +76,11 @@ def test_stop_tokens_and_finished_flags(model):
             assert c[-1] in stops  # the stop token is part of the completion (the policy learns to emit it)
         else:
             assert len(c) == max_new
+    # rows leave the batch as they stop: the survivors' log-probs still match the trainer's (cache rows kept right)
+    lengths = {len(c) for c in ro.completion_ids}
+    assert len(lengths) > 2
+    for p, c, lp in zip(ro.prompt_ids, ro.completion_ids, ro.logprobs):
+        torch.testing.assert_close(torch.tensor(lp), _trainer_logps(model, p, c, 1.0), atol=1e-4, rtol=0)
 
 
 def test_default_stop_is_model_eos(model):
@@ -157,3 +163,27 @@ def test_bad_arguments(model):
         g.generate(PROMPTS, n=0, max_new_tokens=4)
     with pytest.raises(ValueError, match="empty prompt"):
         g.generate([[3], []], n=1, max_new_tokens=4)
+
+
+def _frequencies(logps: torch.Tensor, draws: int, **kw) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    toks = sample_tokens(logps.expand(draws, -1).contiguous(), generator=g, **kw)
+    return torch.bincount(toks, minlength=logps.shape[-1]).double() / draws
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (2, 1.0), (-1, 0.7), (3, 0.9)])
+def test_sample_tokens_draws_the_truncated_softmax(top_k, top_p):
+    """Empirical frequencies of 40k draws match the (truncated, renormalised) distribution within 5 sigma."""
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    want = p.clone()
+    if top_k > 0:
+        want[top_k:] = 0
+    if top_p < 1.0:  # smallest prefix (p is sorted) whose mass reaches top_p
+        k = int((p.cumsum(0) < top_p).sum()) + 1
+        want[k:] = 0
+    want = (want / want.sum()).double()
+    n = 40_000
+    got = _frequencies(p.log(), n, top_k=top_k, top_p=top_p)
+    sigma = (want * (1 - want) / n).sqrt().clamp(min=1e-12)
+    assert ((got - want).abs() <= 5 * sigma + 1e-12).all(), (got, want)
+    assert (got[want == 0] == 0).all()

@@ -9,8 +9,10 @@ One generation round, top to bottom:
        (PPO epochs) against the stored old log-probs; each step sums micro-batch `pg_loss`es that share the
        step's global normaliser -> AdamW -> metrics.jsonl + atomic checkpoints.
 
-Per-token quantities of a round are stored completion-aligned (``[N, L_max]`` with mask ``cmask``) and
-scattered into each micro-batch's ``[B,T]`` layout, whose completion slots come in the same row-major order.
+Per-token quantities of a round are stored completion-aligned (``[N, L_max]`` with mask ``cmask``), the layout
+``completion_logps`` returns for every micro-batch. By default (``shared_prefix``) the completions of one prompt
+are scored with one backbone pass over the prompt whose KV cache they all attend to, instead of G padded
+``prompt + completion`` rows: the prompt's forward and backward are paid once per group.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.rows import RowError
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
-from alignkit.logprobs import IGNORE_INDEX, model_token_logps
+from alignkit.logprobs import IGNORE_INDEX, model_token_logps, shared_prefix_token_logps
 from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer
 from alignkit.losses.policy import kl_penalized_rewards, pg_loss, rollout_is_weights
 from alignkit.rewards import RewardSet
@@ -115,6 +117,8 @@ class RLConfig:
     tensorboard: bool = False
     progress: bool = True
     token_chunk: int = 1024
+    shared_prefix: bool = True  # score a group's completions with one pass over their shared prompt
+    keep_logits_mb: float = 1024  # keep a micro-batch's LM-head logits up to this size for backward (0: recompute)
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -206,13 +210,51 @@ def _collate(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]
     return {k: b[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, Tensor], cfg: RLConfig, extras: tuple[str, ...] = ()):
-    device = next(model.parameters()).device
-    b = {k: v.to(device) for k, v in batch.items()}
-    labels = b.pop("labels")
-    return model_token_logps(
-        model, labels=labels, temperature=cfg.temperature, extras=extras, token_chunk=cfg.token_chunk, **b
-    )
+def _checkpointing(model: torch.nn.Module) -> bool:
+    # transformers >= 5.2x renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
+    new, old = "is_activation_checkpointing", "is_gradient_checkpointing"
+    return bool(getattr(model, new if hasattr(model, new) else old, False))
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[list[int]],
+    completion_ids: Sequence[list[int]],
+    cfg: RLConfig,
+    pad_id: int = 0,
+    extras: tuple[str, ...] = (),
+) -> dict[str, Tensor]:
+    """Trainer log-probs (and ``extras``) of ``n`` completions at ``cfg.temperature``, completion-aligned.
+
+    With ``cfg.shared_prefix``, each run of consecutive rows with the same prompt (a GRPO group, or the part of
+    one in this micro-batch) runs its prompt once (:func:`shared_prefix_token_logps`); otherwise rows are
+    padded prompt + completion sequences (:func:`model_token_logps`). Returns ``{"logps": [n, L], ...,
+    "mask": [n, L]}`` with ``L`` the longest completion; slot t is completion token t.
+    """
+    cm = completion_mask([len(c) for c in completion_ids])
+    dev = next(model.parameters()).device
+    kw = {"temperature": cfg.temperature, "extras": extras, "token_chunk": cfg.token_chunk}
+    if torch.is_grad_enabled():  # no backward after a no-grad pass: nothing to keep
+        kw["keep_logits_mb"] = cfg.keep_logits_mb
+    if not cfg.shared_prefix or _checkpointing(model):
+        b = {k: v.to(dev) for k, v in _collate(prompt_ids, completion_ids, pad_id).items()}
+        res = model_token_logps(model, labels=b.pop("labels"), **b, **kw)
+        cm = cm.to(dev)
+        out = {k: torch.zeros(cm.shape, dtype=v.dtype, device=dev).masked_scatter(cm, v[res["mask"]])
+               for k, v in res.items() if k != "mask"}  # fmt: skip
+        return {**out, "mask": cm}
+    parts: list[dict[str, Tensor]] = []
+    i, n, L = 0, len(prompt_ids), cm.shape[1]
+    while i < n:
+        j = i + 1
+        while j < n and prompt_ids[j] == prompt_ids[i]:
+            j += 1
+        width = max(len(c) for c in completion_ids[i:j])
+        comp = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completion_ids[i:j]])
+        res = shared_prefix_token_logps(model, torch.tensor(prompt_ids[i]), comp, cm[i:j, :width], **kw)
+        parts.append({k: torch.nn.functional.pad(v, (0, L - width)) for k, v in res.items()})
+        i = j
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
@@ -226,9 +268,8 @@ def score_logps(
     out = torch.zeros(cm.shape)
     for i in range(0, len(completion_ids), cfg.micro_batch_size):
         sl = slice(i, i + cfg.micro_batch_size)
-        res = _forward(model, _collate(prompt_ids[sl], completion_ids[sl], pad_id), cfg)
-        rows = out[sl]
-        rows[cm[sl]] = res["logps"][res["mask"]].float().cpu()
+        lp = completion_logps(model, prompt_ids[sl], completion_ids[sl], cfg, pad_id)["logps"]
+        out[sl, : lp.shape[1]] = lp.float().cpu()
     model.train(was_training)
     return out
 
@@ -399,19 +440,18 @@ def micro_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``pg_loss`` of the completions ``rows`` of the round, scaled by the step's normaliser."""
     entropy = cfg.entropy_coef != 0
-    res = _forward(
+    res = completion_logps(
         model,
-        _collate([batch.prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows], 0),
+        [batch.prompt_ids[i] for i in rows],
+        [batch.completion_ids[i] for i in rows],
         cfg,
         extras=("entropy",) if entropy else (),
     )
-    logp, mask = res["logps"], res["mask"]
-    cm = batch.cmask[rows]
+    logp, mask = res["logps"], res["mask"]  # [b, L]: completion-aligned like the round's stored tensors
+    width = logp.shape[1]
 
-    def full(x: Tensor | None) -> Tensor | None:  # completion-aligned [b, L] -> this micro-batch's [b, T]
-        if x is None:
-            return None
-        return torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(mask.cpu(), x[rows][cm]).to(logp.device)
+    def full(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[rows][:, :width].to(logp.device)
 
     m = mask & batch.keep[rows].to(mask.device).unsqueeze(1)
     return pg_loss(
@@ -620,10 +660,12 @@ def train_policy_gradient(
     for step in steps:
         t0 = time.perf_counter()
         rnd, k = divmod(step, steps_per_round)
+        sync_s = 0.0
         if k == 0 or batch is None:
             if stale:
+                t_sync = time.perf_counter()
                 generator.update_weights(model)
-                stale = False
+                sync_s, stale = time.perf_counter() - t_sync, False
             idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
             batch = make_round(
                 model=model,
@@ -659,7 +701,8 @@ def train_policy_gradient(
 
         done = step + 1
         record = {"step": done, **_finish(acc), "lr": lr, "grad_norm": float(grad_norm), **batch.metrics}
-        record.update(round=rnd, iteration=k // cfg.steps_per_generation, step_time_s=time.perf_counter() - t0)
+        record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
+        record["step_time_s"] = time.perf_counter() - t0
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log.log(record)
         if cfg.progress:
