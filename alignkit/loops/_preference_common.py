@@ -3,7 +3,6 @@ one optimizer step. Small on purpose; each loop still reads top to bottom."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -152,14 +151,3 @@ class StepMetrics:
             k: (v / self.counts[k] if self.counts[k] else 0.0) if k in self.counts else v for k, v in self.sums.items()
         }
         return {**out, **self.last}
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> tuple:
-    """Clip, step, schedule, zero; returns (grad_norm before clipping, learning rate used)."""
-    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), lr

@@ -21,10 +21,9 @@ import contextlib
 import copy
 import functools
 import importlib
-import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +31,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.rows import RowError
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
 from alignkit.logprobs import IGNORE_INDEX, model_token_logps, shared_prefix_token_logps
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer
+from alignkit.loops.common import end_step, optimizer_step, start_run, step_range
 from alignkit.losses.policy import kl_penalized_rewards, pg_loss, rollout_is_weights
 from alignkit.rewards import RewardSet
 from alignkit.rollout import Generator, HFGenerator
@@ -637,25 +635,16 @@ def train_policy_gradient(
     own_generator = generator is None
     generator = generator or make_generator(cfg, model, tokenizer, pad_id)
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    )
-    start, batch, stale = 0, None, True  # stale: the engine may not hold the trainer's weights
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = state["step"]
-        batch = RolloutBatch(**state["round"]) if state.get("round") is not None else None
-        print(f"[alignkit {name}] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-
+    run = start_run(model, cfg, cfg.max_steps, name)
+    # the in-flight round of a resumed run; stale: the engine may not hold the trainer's weights
+    batch = RolloutBatch(**run.state["round"]) if run.state.get("round") is not None else None
+    stale = True
     model.train()
-    steps: Iterator[int] | Any = range(start, cfg.max_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    steps: Any = step_range(run, name)
 
-        steps = tqdm(steps, initial=start, total=cfg.max_steps, desc=name, unit="step")
+    def saved_state(step: int) -> dict[str, Any]:  # a checkpoint inside a round carries it: resume replays it
+        return {"round": asdict(batch) if step % steps_per_round != 0 else None}
+
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
@@ -691,37 +680,17 @@ def train_policy_gradient(
             loss, metrics = micro_loss(model, batch, rows[i : i + cfg.micro_batch_size], cfg, normalizer, n_tokens)
             loss.backward()
             _merge(acc, metrics)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         stale = True
 
         done = step + 1
-        record = {"step": done, **_finish(acc), "lr": lr, "grad_norm": float(grad_norm), **batch.metrics}
+        record = {"step": done, **_finish(acc), "lr": lr, "grad_norm": grad_norm, **batch.metrics}
         record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
         record["step_time_s"] = time.perf_counter() - t0
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            mid_round = done % steps_per_round != 0
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state={"round": asdict(batch) if mid_round else None},
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+    run.log.close()
     if own_generator:
         generator.close()
     return {"steps": cfg.max_steps, "last": record, "run_dir": str(run_dir)}

@@ -1,15 +1,29 @@
-"""Pieces every loop shares: optimizer, schedule, batch plan, metrics log. Small on purpose."""
+"""Pieces every loop shares: optimizer, schedule, batch plan, metrics log, and the set-up / step / end-of-step
+bookkeeping around a loop's own work. Small on purpose.
+
+A loop is, top to bottom::
+
+    run = start_run(model, cfg, total_steps, "sft")          # AdamW, schedule, resume, metrics log
+    for step in step_range(run, "sft"):
+        ...forward, loss(normalizer=...), backward per micro-batch...
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        end_step(run, {"step": step + 1, ...}, model=model, tokenizer=tokenizer)  # log, checkpoint
+    run.log.close()
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):  # noqa: ANN201
@@ -142,3 +156,94 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# set-up, optimizer step, end of step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a loop sets up before its first step. ``start`` is the first step to run (0, or the resumed
+    checkpoint's step); ``state`` holds the resumed checkpoint's saved entries ({} for a fresh run)."""
+
+    cfg: Any
+    total_steps: int
+    run_dir: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    log: MetricsLog
+    start: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, betas=(0.9, 0.999)) -> Run:  # noqa: ANN001
+    """AdamW (``make_optimizer``) and the warmup + ``cfg.schedule`` LR schedule over ``total_steps``; with
+    ``cfg.resume``, weights, optimizer, schedule and RNG restored from ``cfg.output_dir``'s latest checkpoint;
+    the metrics log (truncated after the resumed step). ``cfg`` needs ``output_dir, lr, weight_decay,
+    schedule, warmup_steps, min_lr_ratio, resume, tensorboard``."""
+    run_dir = Path(cfg.output_dir)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, betas=betas)
+    schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    state: dict[str, Any] = {}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        print(f"[alignkit {name}] resumed from {ckpt} at step {state['step']}")
+    start = int(state.get("step", 0))
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+    return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state)
+
+
+def step_range(run: Run, desc: str) -> Iterable[int]:
+    """Steps ``run.start .. total_steps - 1``, as a tqdm bar when ``cfg.progress`` (it has ``set_postfix``)."""
+    steps = range(run.start, run.total_steps)
+    if not run.cfg.progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, initial=run.start, total=run.total_steps, desc=desc, unit="step")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> tuple:
+    """Clip the trainable gradients (None: measure only), step, advance the schedule, zero the gradients.
+    Returns (grad_norm before clipping, learning rate the step used)."""
+    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
+def end_step(
+    run: Run,
+    record: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    extra_state: Callable[[int], dict[str, Any]] | None = None,
+) -> None:
+    """After the optimizer step ``record["step"]``: log the record (every ``cfg.log_every`` steps, the last
+    one, and any step with an ``eval_loss``), write an atomic checkpoint (every ``cfg.save_every`` steps and at
+    the end) carrying ``extra_state(step)`` beside weights, optimizer, schedule and RNG, then call the callbacks."""
+    cfg, done, total_steps = run.cfg, record["step"], run.total_steps
+    if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
+        run.log.log(record)
+    if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+        save_checkpoint(
+            run.run_dir,
+            done,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            state=extra_state(done) if extra_state is not None else None,
+            keep_last=cfg.keep_last,
+        )
+    for cb in callbacks:
+        cb(done, record)

@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_pairs, pair_sequences, split_pairs, tokenize_pairs
 from alignkit.loops._preference_common import (
@@ -40,10 +39,9 @@ from alignkit.loops._preference_common import (
     load_policy,
     make_reference,
     model_reference,
-    optimizer_step,
     pad_token_id,
 )
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
 from alignkit.losses.preference import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from alignkit.reference import Scorer, batch_sequence_logps
 
@@ -297,25 +295,14 @@ def train_dpo(
     if total_steps == 0:
         raise ValueError(f"no full optimizer step: {len(train)} pairs, grad_accum={cfg.grad_accum}")
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = state["step"]
-        reference.load_state_dict(state.get("reference", {}))
-        print(f"[alignkit dpo] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-
+    run = start_run(model, cfg, total_steps, "dpo")
+    reference.load_state_dict(run.state.get("reference", {}))
     model.train()
-    steps = range(start, total_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    steps = step_range(run, cfg.loss)
 
-        steps = tqdm(steps, initial=start, total=total_steps, desc=f"{cfg.loss}", unit="step")
+    def saved_state(step: int) -> dict[str, Any]:  # beside the weights in each checkpoint
+        return {"reference": reference.state_dict()}
+
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
@@ -334,7 +321,7 @@ def train_dpo(
             loss_sum += loss.detach().cpu()
             acc.add(metrics)
             n_tokens += batch["n_tokens"]
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         done = step + 1
         reference.after_step(model, done)
 
@@ -342,24 +329,10 @@ def train_dpo(
         record.update(num_pairs=int(n_pairs), num_tokens=n_tokens, step_time_s=time.perf_counter() - t0)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record.update(evaluate(model, evals, cfg, eval_reference, pad_id))
-        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state={"reference": reference.state_dict()},
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+    run.log.close()
     return {
         "steps": total_steps,
         "last": record,

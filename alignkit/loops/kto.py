@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
 from alignkit.loops._preference_common import (
@@ -41,10 +40,9 @@ from alignkit.loops._preference_common import (
     load_policy,
     make_reference,
     model_reference,
-    optimizer_step,
     pad_token_id,
 )
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
 from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
 from alignkit.reference import Scorer, batch_sequence_logps
 
@@ -245,28 +243,17 @@ def train_kto(
     if total_steps == 0:
         raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
+    run = start_run(model, cfg, total_steps, cfg.loss)
+    reference.load_state_dict(run.state.get("reference", {}))
     bco_state = BCOState.initial()
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = state["step"]
-        reference.load_state_dict(state.get("reference", {}))
-        if state.get("bco_state") is not None:
-            bco_state = BCOState(*(torch.as_tensor(v) for v in state["bco_state"]))
-        print(f"[alignkit {cfg.loss}] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-
+    if run.state.get("bco_state") is not None:
+        bco_state = BCOState(*(torch.as_tensor(v) for v in run.state["bco_state"]))
     model.train()
-    steps = range(start, total_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    steps = step_range(run, cfg.loss)
 
-        steps = tqdm(steps, initial=start, total=total_steps, desc=cfg.loss, unit="step")
+    def saved_state(step: int) -> dict[str, Any]:  # read at save time: the reference and BCO's running state
+        return {"reference": reference.state_dict(), "bco_state": tuple(t.detach().cpu() for t in bco_state)}
+
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
@@ -283,7 +270,7 @@ def train_kto(
             loss_sum += loss.detach().cpu()
             acc.add(metrics)
             n_tokens += batch["n_tokens"]
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         done = step + 1
         reference.after_step(model, done)
 
@@ -291,25 +278,10 @@ def train_kto(
         record.update(num_examples=int(n_examples), num_tokens=n_tokens, step_time_s=time.perf_counter() - t0)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id))
-        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            extra = {"reference": reference.state_dict(), "bco_state": tuple(t.detach().cpu() for t in bco_state)}
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=extra,
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+    run.log.close()
     return {
         "steps": total_steps,
         "last": record,

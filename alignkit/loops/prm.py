@@ -13,7 +13,6 @@ reward with `alignkit.prm.prm_reward` (same `step_separator`, `head` candidate i
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.prm import IGNORE_INDEX, tokenize_prm_rows
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
 from alignkit.losses.reward import prm_loss
 from alignkit.prm import step_logits, step_metrics
 
@@ -187,23 +185,10 @@ def train_prm(
     if total_steps == 0:
         raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"[alignkit prm] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+    run = start_run(model, cfg, total_steps, "prm")
 
     model.train()
-    steps = range(start, total_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, initial=start, total=total_steps, desc="prm", unit="step")
+    steps = step_range(run, "prm")
     record: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
     for step in steps:
@@ -218,19 +203,14 @@ def train_prm(
             loss.backward()
             loss_sum += loss.detach().cpu()
             n_correct += (metrics["accuracy"] * metrics["n_steps"]).cpu()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
         record = {
             "step": done,
             "loss": float(loss_sum),
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "step_accuracy": float(n_correct) / max(n_steps, 1),
             "num_steps": n_steps,
             "num_tokens": sum(len(e["input_ids"]) for mb in micro for e in mb),
@@ -239,23 +219,10 @@ def train_prm(
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             eval_metrics = evaluate(model, evals, cfg, pad_id, cand)
             record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['step_accuracy']:.3f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+    run.log.close()
     if evals and not eval_metrics:
         eval_metrics = evaluate(model, evals, cfg, pad_id, cand)
     return {"steps": total_steps, "last": record, "eval": eval_metrics, "run_dir": str(run_dir), "report": str(report)}

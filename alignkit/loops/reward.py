@@ -10,7 +10,6 @@ of pairs, both sides scored in ONE padded forward -> bradley_terry_loss with the
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +18,11 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import tokenize_pairs as tokenize_preference_pairs
 from alignkit.data.rows import RowError
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
 from alignkit.losses.preference import split_pairs
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.reward_model import load_reward_model, score
@@ -186,24 +184,11 @@ def train_reward(
     if total_steps == 0:
         raise ValueError(f"no full optimizer step: {len(train)} pairs, grad_accum={cfg.grad_accum}")
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"[alignkit reward] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+    run = start_run(model, cfg, total_steps, "reward")
 
     model.train()
     device = next(model.parameters()).device
-    steps = range(start, total_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, initial=start, total=total_steps, desc="reward", unit="step")
+    steps = step_range(run, "reward")
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
@@ -220,19 +205,14 @@ def train_reward(
             loss_sum += loss.detach()
             for k in stats:  # metrics are local pair means: weight by the micro-batch's pairs
                 stats[k] += met[k] * (len(mb) / n_pairs)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
         record = {
             "step": done,
             "loss": float(loss_sum),
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             **{k: float(v) for k, v in stats.items()},
             "num_pairs": n_pairs,
             "num_tokens": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for mb in micro for p in mb),
@@ -240,21 +220,8 @@ def train_reward(
         }
         if evals and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             record.update(evaluate(model, evals, cfg, pad_id))
-        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+    run.log.close()
     return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "dropped": dropped}

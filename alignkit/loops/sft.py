@@ -9,7 +9,6 @@ rows -> chat format -> tokens + labels -> (packed) micro-batches -> chunked log-
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +17,11 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.tokenize import tokenize_dataset
 from alignkit.logprobs import model_token_logps
-from alignkit.loops.common import MetricsLog, lr_lambda, make_optimizer, plan_batches
+from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
 from alignkit.losses.sft import sft_loss
 
 
@@ -177,23 +175,9 @@ def train_sft(
     if total_steps == 0:
         raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
 
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-        print(f"[alignkit sft] resumed from {ckpt} at step {start}")
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-
+    run = start_run(model, cfg, total_steps, "sft", betas=(cfg.adam_beta1, cfg.adam_beta2))
     model.train()
-    steps = range(start, total_steps)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, initial=start, total=total_steps, desc="sft", unit="step")
+    steps = step_range(run, "sft")
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
@@ -207,40 +191,22 @@ def train_sft(
             loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
             loss.backward()
             loss_sum += loss.detach()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
         record = {
             "step": done,
             "loss": float(loss_sum),
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "num_tokens": n_tokens,
             "num_trained_tokens": n_trained,
             "step_time_s": time.perf_counter() - t0,
         }
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record["eval_loss"] = evaluate(model, evals, cfg, pad_id)
-        if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
-            log.log(record)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            save_checkpoint(
-                run_dir,
-                done,
-                model=model,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                keep_last=cfg.keep_last,
-            )
-        for cb in callbacks:
-            cb(done, record)
-    log.close()
+        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+    run.log.close()
     return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "report": str(report)}
