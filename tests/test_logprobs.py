@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from alignkit.logprobs import (
@@ -63,8 +63,16 @@ def naive_outputs(z, y):
         "entropy": keep(-(lp.exp() * lp).sum(-1)),
         "log_sum_sq_probs": keep(torch.log((2 * lp).exp().sum(-1))),
         "mean_logp": keep(lp.mean(-1)),
-        "is_top1": valid & (z.argmax(-1) == y),
+        # ties count: the target attains the maximum (saturated softcaps give exact ties)
+        "is_top1": valid & (z.gather(1, y.clamp(min=0)[:, None]).squeeze(1) >= z.max(-1).values),
     }
+
+
+def clear_top1_rows(z, y):
+    """Rows whose target is not within float noise of a tie for the maximum: is_top1 is decidable there."""
+    zt = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    others = z.scatter(1, y.clamp(min=0)[:, None], float("-inf")).max(-1).values
+    return (zt - others).abs() > 1e-5 * (1 + zt.abs())
 
 
 def weighted_sum(outs, coefs):
@@ -99,6 +107,23 @@ def head_cases(draw):
 
 @PROPS
 @given(head_cases())
+# saturated softcap (1.0) with scale 1.7: several logits round to exactly 1.0, and per-row tiles (token_chunk=1)
+# round differently from the full matmul; is_top1 is compared only where it is decidable (found in CI)
+@example(
+    {
+        "seed": 0,
+        "N": 30,
+        "H": 10,
+        "V": 6,
+        "token_chunk": 1,
+        "vocab_chunk": None,
+        "tau": 1.0,
+        "scale": 1.7,
+        "softcap": 1.0,
+        "bias": False,
+        "extras": ("entropy", "log_sum_sq_probs", "mean_logp", "is_top1"),
+    }
+)
 def test_chunked_matches_full_logits(case):
     g = torch.Generator().manual_seed(case["seed"])
     N, H, V = case["N"], case["H"], case["V"]
@@ -123,13 +148,15 @@ def test_chunked_matches_full_logits(case):
         vocab_chunk=case["vocab_chunk"],
         extras=case["extras"],
     )
-    ref = naive_outputs(head_logits(h, W, b, **kw), y)
+    z = head_logits(h, W, b, **kw)
+    ref = naive_outputs(z, y)
     assert set(out) == {"logps", *case["extras"]}
     for k, v in out.items():
         assert v.shape == (N,)
         if k == "is_top1":
             assert v.dtype == torch.bool and not v.requires_grad
-            assert torch.equal(v, ref[k])
+            clear = clear_top1_rows(z.detach(), y)
+            assert torch.equal(v[clear], ref[k][clear])
         else:
             assert v.dtype == torch.float32
             close(v, ref[k])
