@@ -47,13 +47,15 @@ every variant; vLLM's CPU worker is bound to the same single core (``VLLM_CPU_OM
 gets more cores than another. Each child also reports how much of a step was generation.
 
 Last measured (2 shared CPU cores, --threads 1, torch 2.13 CPU, transformers 5.24 / 5.19 in the vLLM venv,
-trl 1.16, vllm-cpu 0.32; three invocations of the defaults, medians of 9 timed steps each, CPU seconds per step;
-every run trained on 2,048 completion tokens per step):
+trl 1.16, vllm-cpu 0.32; four invocations of the defaults, medians of 9 timed steps each, CPU seconds per step;
+every run trained on 2,048 completion tokens per step). A-C ran vLLM eager; D is the current default (vLLM's
+compiled mode):
 
-    variant         A       B       C       generation (A/B/C)   samples/s vs TRL (A / B / C)
-    trl             21.86   18.45   17.98   4.2 / 3.7 / 3.8      1
-    alignkit_hf      5.54    5.29    5.68   2.8 / 2.7 / 2.7      3.95x / 3.49x / 3.17x   goal >= 2x: met
-    alignkit_vllm    5.03    4.81    4.78   2.1 / 2.1 / 2.0      4.35x / 3.84x / 3.76x   goal >= 4x: met in A only
+    variant         A       B       C       D       generation   samples/s vs TRL (A / B / C / D)
+    trl             21.86   18.45   17.98   18.84   3.5-4.2      1
+    alignkit_hf      5.54    5.29    5.68    4.90   2.3-2.8      3.95x / 3.49x / 3.17x / 3.84x   goal >= 2x: met
+    alignkit_vllm    5.03    4.81    4.78    4.50   1.8-2.1      4.35x / 3.84x / 3.76x / 4.19x   goal >= 4x: met
+                                                                 in A and D, missed in B and C
 
   Wall-time ratios agree within 2%. TRL's step (cProfile): its CPU chunked log-prob kernel ~3.6 s forward +
   ~10.5 s backward (it scores all 32 x 157 padded positions and computes entropy), ``torch.multinomial`` inside
