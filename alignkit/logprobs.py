@@ -473,9 +473,11 @@ def model_token_logps(
     return per_token
 
 
-def _cache_kwarg(backbone: torch.nn.Module) -> str:
-    # transformers renamed the forward argument `past_key_values` to `cache` (5.2x); accept both.
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The name ``module``'s forward takes its KV cache under: transformers renamed ``past_key_values`` to
+    ``cache`` (5.2x). A peft wrapper passes either on through ``**kwargs``, so its base model is asked."""
+    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def shared_prefix_token_logps(
@@ -521,7 +523,7 @@ def shared_prefix_token_logps(
     P, (G, L) = prompt_ids.numel(), completion_ids.shape
     mask = completion_mask.to(dev, torch.bool)
     cache = DynamicCache(config=model.config)
-    kw = _cache_kwarg(backbone)
+    kw = cache_kwarg(backbone)
     out = backbone(input_ids=prompt_ids.to(dev)[None], use_cache=True, **{kw: cache})
     if cache.get_seq_length() != P:
         raise RuntimeError(

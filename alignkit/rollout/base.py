@@ -6,8 +6,11 @@ backend can be swapped without touching loss code.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -48,3 +51,35 @@ class Generator(Protocol):
     def update_weights(self, model: torch.nn.Module) -> None: ...  # push trainer weights into the engine
 
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers every backend uses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_request(prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int) -> None:
+    """Refuse a request no backend can serve: ``n`` or ``max_new_tokens`` below 1, or an empty prompt."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+
+
+def stop_ids_from_config(config: Any, generation_config: Any = None) -> list[int]:
+    """EOS id(s) from a generation config, else the model config (HF objects or dicts): the default stops."""
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    eos = get(generation_config, "eos_token_id") if generation_config is not None else None
+    if eos is None:
+        eos = get(config, "eos_token_id")
+    if eos is None:
+        raise ValueError("no stop_token_ids given and the model has no eos_token_id")
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file (config.json, generation_config.json) as a dict; {} when it is absent."""
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -16,13 +16,11 @@ the model's forward with a KV cache (``DynamicCache``), not ``model.generate``:
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from alignkit.rollout.base import Rollouts
+from alignkit.logprobs import cache_kwarg
+from alignkit.rollout.base import Rollouts, check_request, stop_ids_from_config
 
 __all__ = ["HFGenerator", "sample_tokens"]
 
@@ -49,23 +47,6 @@ def sample_tokens(
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model inside
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.2x); peft wrappers forward either through **kwargs
-    params = inspect.signature(_unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _stop_ids(model: torch.nn.Module, stop_token_ids: Sequence[int] | None) -> list[int]:
-    if stop_token_ids is not None:
-        return list(stop_token_ids)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        raise ValueError("no stop_token_ids given and the model has no eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 class HFGenerator:
@@ -100,13 +81,10 @@ class HFGenerator:
         With a ``seed`` the draws come from their own ``torch.Generator`` (the global RNG is left alone), so the
         same call gives the same completions.
         """
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        check_request(prompt_ids, n, max_new_tokens)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        stops = _stop_ids(self.model, stop_token_ids)
+        stops = list(stop_token_ids) if stop_token_ids is not None else self._default_stops()
         device = next(self.model.parameters()).device
         rng = None
         if seed is not None:
@@ -151,7 +129,7 @@ class HFGenerator:
         positions = (mask[:, :width].cumsum(1) - 1).clamp(min=0)
         stop_ids = torch.tensor(stops, device=device)
         cache = DynamicCache(config=_unwrap(model).config)
-        kw = {_cache_kwarg(model): cache, "use_cache": True}
+        kw = {cache_kwarg(model): cache, "use_cache": True}
         logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
                        logits_to_keep=1, **kw).logits[:, -1]  # fmt: skip
         pos = positions[:, -1]
@@ -181,6 +159,10 @@ class HFGenerator:
                 lps[r].append(lp)
         stop_set = set(stops)
         return ids, lps, [bool(c) and c[-1] in stop_set for c in ids]
+
+    def _default_stops(self) -> list[int]:
+        inner = _unwrap(self.model)
+        return stop_ids_from_config(inner.config, getattr(inner, "generation_config", None))
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """No-op when generating with the training model itself; otherwise copy its weights in place."""

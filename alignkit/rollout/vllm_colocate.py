@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from alignkit.rollout.base import Rollouts
+from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
 
 __all__ = [
     "EXTENSION",
@@ -61,20 +61,6 @@ def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, p.detach()) for name, p in model.named_parameters()]
 
 
-def stop_ids_from_config(config: Any, generation_config: Any = None) -> list[int]:
-    """EOS id(s) from a generation config or model config (HF objects or dicts), as the HF backend does."""
-
-    def get(obj: Any, key: str) -> Any:
-        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-
-    eos = get(generation_config, "eos_token_id") if generation_config is not None else None
-    if eos is None:
-        eos = get(config, "eos_token_id")
-    if eos is None:
-        raise ValueError("no stop_token_ids given and the model has no eos_token_id")
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-
-
 def sampling_kwargs(
     *,
     max_new_tokens: int,
@@ -92,13 +78,6 @@ def sampling_kwargs(
         "stop_token_ids": [int(t) for t in stop_token_ids],
         "ignore_eos": True,  # stop only on the ids given (they include EOS by default), as the HF backend does
     }
-
-
-def check_request(prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int) -> None:
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("empty prompt: every prompt needs at least one token")
 
 
 @contextlib.contextmanager
@@ -159,8 +138,8 @@ class VLLMColocateGenerator:
         else:
             path = str(Path(model).expanduser())
         self.model_path = path
-        self._config = _read_json(Path(path) / "config.json")
-        self._gen_config = _read_json(Path(path) / "generation_config.json")
+        self._config = read_json(Path(path) / "config.json")
+        self._gen_config = read_json(Path(path) / "generation_config.json")
 
         sleep_ok = current_platform.is_sleep_mode_available()
         if enable_sleep_mode is None:
@@ -295,9 +274,3 @@ def _sampled_logprobs(ids: list[int], logprobs: list[dict[int, Any]] | None) -> 
     if logprobs is None:
         raise RuntimeError("vLLM returned no log-probs (was the request made with logprobs=0?)")
     return [float(step[t].logprob) for t, step in zip(ids, logprobs)]
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else {}

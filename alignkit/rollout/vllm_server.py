@@ -40,14 +40,8 @@ from typing import Any
 import torch
 
 from alignkit.rollout._vllm_worker import bucket_layout, make_group, make_store
-from alignkit.rollout.base import Rollouts
-from alignkit.rollout.vllm_colocate import (
-    EXTENSION,
-    check_request,
-    named_weights,
-    sampling_kwargs,
-    stop_ids_from_config,
-)
+from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
+from alignkit.rollout.vllm_colocate import EXTENSION, named_weights, sampling_kwargs
 
 __all__ = ["VLLMServerGenerator", "ServerGoneError", "free_port"]
 
@@ -125,8 +119,8 @@ class VLLMServerGenerator:
         self._config: dict = {}
         self._gen_config: dict = {}
         if self.model_dir is not None:
-            self._config = _read_json(Path(self.model_dir) / "config.json")
-            self._gen_config = _read_json(Path(self.model_dir) / "generation_config.json")
+            self._config = read_json(Path(self.model_dir) / "config.json")
+            self._gen_config = read_json(Path(self.model_dir) / "generation_config.json")
         self.startup_timeout = startup_timeout
         self.model_name: str | None = None  # the served model's id, asked from /v1/models once ready
         if launch:
@@ -418,7 +412,3 @@ class _Call(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
