@@ -231,9 +231,9 @@ def completion_logps(
     """
     cm = completion_mask([len(c) for c in completion_ids])
     dev = next(model.parameters()).device
+    # keep_logits_mb only acts where a backward follows (chunked_token_logps checks grad mode itself)
     kw = {"temperature": cfg.temperature, "extras": extras, "token_chunk": cfg.token_chunk}
-    if torch.is_grad_enabled():  # no backward after a no-grad pass: nothing to keep
-        kw["keep_logits_mb"] = cfg.keep_logits_mb
+    kw["keep_logits_mb"] = cfg.keep_logits_mb
     if not cfg.shared_prefix or _checkpointing(model):
         b = {k: v.to(dev) for k, v in _collate(prompt_ids, completion_ids, pad_id).items()}
         res = model_token_logps(model, labels=b.pop("labels"), **b, **kw)
@@ -316,9 +316,23 @@ class RolloutBatch:
     metrics: dict[str, float]
 
 
-def _completion_texts(tokenizer: Any, completion_ids: list[list[int]], stops: set[int]) -> list[str]:
-    trimmed = [c[:-1] if c and c[-1] in stops else c for c in completion_ids]
-    return tokenizer.batch_decode(trimmed, skip_special_tokens=True)
+def score_completions(
+    rewards: RewardSet,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    completion_ids: list[list[int]],
+    n: int,
+    stops: Sequence[int],
+) -> tuple[Tensor, dict[str, Any]]:
+    """Rewards ``[N,K]`` (and their metrics) of ``n`` completions per prompt, groups contiguous: each reward gets
+    the prompts, the decoded texts (trailing stop token cut), the ids and the rows' other columns."""
+    stop_set = set(stops)
+    texts = tokenizer.batch_decode(
+        [c[:-1] if c and c[-1] in stop_set else c for c in completion_ids], skip_special_tokens=True
+    )
+    rep = [p for p in prompts for _ in range(n)]
+    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
+    return rewards([p.prompt for p in rep], texts, completion_ids, **columns)
 
 
 def make_round(
@@ -361,10 +375,7 @@ def make_round(
 
     # rewards
     t1 = time.perf_counter()
-    texts = _completion_texts(tokenizer, comp, set(stops))
-    rep = [p for p in prompts for _ in range(G)]
-    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
-    R, reward_metrics = rewards([p.prompt for p in rep], texts, comp, **columns)
+    R, reward_metrics = score_completions(rewards, tokenizer, prompts, comp, G, stops)
     metrics = {k: _num(v) for k, v in reward_metrics.items()}
     t_reward = time.perf_counter() - t1
 
@@ -581,10 +592,7 @@ def evaluate_rewards(
         stop_token_ids=stops,
         seed=seed,
     )
-    rep = [p for p in prompts for _ in range(n)]
-    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
-    texts = _completion_texts(tokenizer, ro.completion_ids, set(stops))
-    _, metrics = RewardSet(list(reward_funcs))([p.prompt for p in rep], texts, ro.completion_ids, **columns)
+    _, metrics = score_completions(RewardSet(list(reward_funcs)), tokenizer, prompts, ro.completion_ids, n, stops)
     return {k: float(v) for k, v in metrics.items()}
 
 
