@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("alignkit.loops.sft", "SFTConfig", "train_sft"),
     "dpo": ("alignkit.loops.dpo", "DPOConfig", "train_dpo"),
     "kto": ("alignkit.loops.kto", "KTOConfig", "train_kto"),
-    "reward": ("alignkit.loops.reward", "RewardConfig", "train_reward"),
+    "reward": ("alignkit.loops.reward_model", "RewardConfig", "train_reward"),
     "grpo": ("alignkit.loops.grpo", "GRPOConfig", "train_grpo"),
     "rloo": ("alignkit.loops.rloo", "RLOOConfig", "train_rloo"),
     "prm": ("alignkit.loops.prm", "PRMConfig", "train_prm"),

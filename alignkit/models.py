@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,37 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id collators pad with: the tokenizer's pad token, else its eos token, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+def is_peft(model: torch.nn.Module | None) -> bool:
+    """Whether ``model`` is a peft model (it can switch its adapter off)."""
+    return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def add_lora(
+    model: torch.nn.Module, *, r: int, alpha: int = 16, dropout: float = 0.0, targets: Sequence[str] = ()
+) -> torch.nn.Module:
+    """Wrap ``model`` in a peft LoRA adapter of rank ``r`` on the ``targets`` modules (only the adapter trains)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    return get_peft_model(model, lc)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode without autograd for the block; its training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignkit.loops.common import read_metrics
+from alignkit.metrics import read_metrics
 
 SKIP = {"step", "num_tokens", "num_trained_tokens"}
 

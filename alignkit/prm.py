@@ -1,7 +1,7 @@
 """Process reward models at work: step logits from three kinds of head, batched step scoring, trajectory scores,
 step-classification metrics, and a PRM as a reward function for the GRPO and RLOO loops.
 
-Heads (all read at the label token itself, no shift; LOSSES.md §6):
+Heads (all read at the label token itself, no shift; docs/LOSSES.md §6):
   * `classification`: a token-classification model with 2 labels (`AutoModelForTokenClassification`,
     `num_labels=2`), logits `[wrong, right]`;
   * `scalar`: the same with 1 label z; its logits are taken as `[0, z]`, so the two-class cross-entropy of
@@ -16,7 +16,7 @@ Heads (all read at the label token itself, no shift; LOSSES.md §6):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,8 +24,10 @@ from torch import Tensor
 
 from alignkit.data.collate import pad_collate
 from alignkit.data.prm import StepSplitter, as_splitter, label_positions, step_layouts
-from alignkit.logprobs import _backbone, _head_transform
 from alignkit.losses.reward import STEP_AGGREGATIONS, aggregate_step_scores
+from alignkit.models import eval_mode, pad_token_id
+from alignkit.reward_funcs.core import completion_text
+from alignkit.scoring import backbone, head_transform
 
 HEADS = ("classification", "scalar", "lm")
 Prompt = str | list[dict[str, Any]]
@@ -68,7 +70,7 @@ def step_logits(
         `[N,2]` logits, N = positions.sum(), in row-major order of `positions` (input dtype of the head).
     """
     head = prm_head(model, candidate_ids)
-    out = _backbone(model)(
+    out = backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[positions]  # [N,H]
@@ -77,7 +79,7 @@ def step_logits(
         ids = torch.as_tensor(list(candidate_ids), device=h.device)
         bias = getattr(emb, "bias", None)
         z = torch.nn.functional.linear(h, emb.weight[ids], None if bias is None else bias[ids])
-        scale, softcap = _head_transform(model)
+        scale, softcap = head_transform(model)
         z = z * scale
         return softcap * torch.tanh(z / softcap) if softcap else z
     dropout = getattr(model, "dropout", None)
@@ -127,11 +129,9 @@ def score_steps(
     results = [[math.nan] * len(s) for _, s in pairs]
     where = [label_positions(lay, max_length) for lay in layouts]
     todo = sorted((i for i in range(len(pairs)) if where[i]), key=lambda i: where[i][-1])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     device = _device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
             # Each sequence ends at its last scored label: later tokens cannot change it (causal, no shift).
@@ -155,8 +155,6 @@ def score_steps(
                 n = len(where[i])
                 results[i][:n] = probs[k : k + n]
                 k += n
-    finally:
-        model.train(was_training)
     return results[0] if single else results
 
 
@@ -203,15 +201,6 @@ def step_metrics(scores: Tensor, labels: Tensor, threshold: float = 0.5) -> dict
     }
 
 
-def _text(completion: Any) -> str:
-    """A completion as text: a string, or conversational messages whose contents are joined."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and all(isinstance(m, Mapping) for m in completion):
-        return "".join(str(m.get("content") or "") for m in completion)
-    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
-
-
 def prm_reward(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -242,7 +231,7 @@ def prm_reward(
     ) -> list[float | None]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        steps = [split(_text(c)) for c in completions]
+        steps = [split(completion_text(c)) for c in completions]
         todo = [i for i, s in enumerate(steps) if s]
         scores = score_steps(
             model,

@@ -1,19 +1,21 @@
-"""Reference log-probs for DPO/KTO-style losses, four ways, chosen by the loop config `reference=`:
+"""Reference log-probs, one protocol for DPO, KTO and the RL loops, found by name in :data:`REFERENCES`:
 
 * ``"precomputed"`` — one no-grad pass of the *initial* policy over the tokenized data before training; the
-  per-sequence values are cached on disk under a key hashing the model weights (streamed, tensor by tensor), the
-  model config, the tokenized data and every setting that changes log-probs. A later run on the same model and
-  data loads the file and runs no reference forward at all. The policy itself does the pass, so no reference
-  model is ever built.
+  values are cached on disk under a key hashing the model weights (streamed, tensor by tensor), the model config,
+  the tokenized data and every setting that changes log-probs. A later run on the same model and data loads the
+  file and runs no reference forward at all. The policy itself does the pass, so no reference model is built.
 * ``"lora"`` — the policy is a peft LoRA model; the reference is the same module with its adapter switched off
   (``with model.disable_adapter():``), so the frozen base weights serve as the reference: no second model.
-* ``"model"`` — an explicit frozen reference model (a second copy in memory).
-* ``"tr_dpo"`` — TR-DPO: an explicit reference model softly synchronised every k steps,
-  ``ref ← α·policy + (1−α)·ref``; its weights travel in checkpoints for exact resume.
+* ``"model"`` — an explicit frozen reference model (a second model in memory): ``ref_model`` if given, else a
+  frozen copy of the initial policy.
+* ``"tr_dpo"`` — TR-DPO: such a model softly synchronised every k steps, ``ref ← α·policy + (1−α)·ref``; its
+  weights travel in checkpoints for exact resume.
 * ``"none"`` — reference-free losses (SimPO, CPO, ORPO).
 
-Every reference answers ``logps(model, batch) -> [n]``: the reduced completion log-prob of each sequence of a
-batch from `alignkit.data.preference.collate_*` (the sum, or the LD-DPO weighted sum when ``ld_alpha`` is set).
+Every reference is a :class:`Reference`: ``logps(policy, batch)`` runs its ``scorer(model, batch)`` on the right
+model (DPO / KTO: :class:`alignkit.scoring.SequenceScorer` on a ``collate_*`` batch, ``[n]``; RL: completion-
+aligned log-probs of ``(prompt_ids, completion_ids)``, ``[N, L]``), plus ``after_step`` / ``state_dict`` /
+``load_state_dict`` hooks (no-ops unless a kind needs them). Build one with :func:`build_reference`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.logprobs import DEFAULT_TOKEN_CHUNK, model_token_logps, segment_sum
+from alignkit.models import eval_mode, is_peft
 
 __all__ = [
+    "REFERENCES",
     "REFERENCE_KINDS",
-    "batch_sequence_logps",
-    "Scorer",
+    "Reference",
+    "ReferenceInputs",
+    "build_reference",
+    "resolve_reference_kind",
     "hash_state_dict",
     "hash_sequences",
     "reference_cache_key",
     "default_cache_dir",
+    "default_rl_reference_kind",
     "compute_reference_table",
     "PrecomputedReference",
     "LoraReference",
@@ -50,77 +56,10 @@ __all__ = [
     "soft_update",
 ]
 
-REFERENCE_KINDS = ("precomputed", "lora", "model", "tr_dpo", "none")
 CACHE_VERSION = "alignkit-reference-v1"
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-sequence log-probs of a collated batch
-# ----------------------------------------------------------------------------------------------------------
-
-
-def batch_sequence_logps(
-    model: torch.nn.Module,
-    batch: Mapping[str, Any],
-    *,
-    temperature: float = 1.0,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    ld_alpha: float | None = None,
-    wpo: bool = False,
-) -> dict[str, Tensor]:
-    """One forward over a `collate_*` batch, reduced per sequence (padded or packed alike).
-
-    Returns `[n]` fp32 tensors (n = `batch["n_sequences"]`):
-        `sum`: Σ_t m·ℓ_t over the completion; `n_tokens`: completion tokens;
-        `ld_sum` (if `ld_alpha`): LD-DPO `Σ_{k_t≤ℓ_s} ℓ_t + α·Σ_{k_t>ℓ_s} ℓ_t`, ℓ_s = `batch["pair_min_lengths"]`;
-        `wpo` (if `wpo`): no-grad WPO weight `exp(mean_t (ℓ_t − log Σ_v p_v²))`.
-    Gradients flow through `sum` and `ld_sum` when the caller has grad enabled.
-    """
-    out = model_token_logps(
-        model,
-        batch["input_ids"],
-        batch["labels"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        temperature=temperature,
-        token_chunk=token_chunk,
-        extras=("log_sum_sq_probs",) if wpo else (),
-    )
-    n = int(batch["n_sequences"])
-    dev = out["logps"].device
-    m = out["mask"]
-    seq = torch.where(m, batch["sequence_ids"].to(dev), -1)
-    res = {"sum": segment_sum(out["logps"], seq, n), "n_tokens": segment_sum(m.float(), seq, n)}
-    if ld_alpha is not None:
-        if not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
-        shared = batch["pair_min_lengths"].to(dev)[seq.clamp_min(0)]
-        w = torch.where(batch["token_rank"].to(dev) <= shared, 1.0, ld_alpha)
-        res["ld_sum"] = segment_sum(out["logps"] * w, seq, n)
-    if wpo:
-        with torch.no_grad():
-            lsq = segment_sum(out["logps"].detach() - out["log_sum_sq_probs"].detach(), seq, n)
-            res["wpo"] = torch.exp(lsq / res["n_tokens"].clamp_min(1.0))
-    return res
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """The settings that turn a batch into reference values; part of the cache key."""
-
-    temperature: float = 1.0
-    token_chunk: int = DEFAULT_TOKEN_CHUNK
-    ld_alpha: float | None = None
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        r = batch_sequence_logps(
-            model, batch, temperature=self.temperature, token_chunk=self.token_chunk, ld_alpha=self.ld_alpha
-        )
-        return r["ld_sum"] if self.ld_alpha is not None else r["sum"]
-
-    def key_settings(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "ld_alpha": self.ld_alpha}
+#: ``(model, batch) -> Tensor``: what a reference computes on its model (e.g. ``alignkit.scoring.SequenceScorer``).
+Scorer = Callable[[torch.nn.Module, Any], Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,25 +143,37 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class NoReference:
-    """Reference-free losses: asking for reference values is an error."""
+class Reference:
+    """The protocol every reference follows, with no-op hooks; subclasses override what their kind needs."""
 
-    kind = "none"
+    kind = "reference"
 
-    def __init__(self) -> None:
-        self.info: dict[str, Any] = {"kind": "none"}
+    def __init__(self, scorer: Scorer | None = None) -> None:
+        self.scorer = scorer
+        self.info: dict[str, Any] = {"kind": self.kind}
 
-    def logps(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        raise RuntimeError("this loss is reference-free; no reference log-probs exist")
+    def logps(self, policy: torch.nn.Module, batch: Any) -> Tensor:
+        """Reference values of ``batch`` (``policy`` is the model being trained, for kinds that need it)."""
+        raise NotImplementedError
 
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        pass
+    def after_step(self, policy: torch.nn.Module, step: int) -> None:
+        """Called after each optimizer step ``step`` (1-based)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry to resume this reference exactly."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+class NoReference(Reference):
+    """Reference-free losses: asking for reference values is an error."""
+
+    kind = "none"
+
+    def logps(self, policy: torch.nn.Module, batch: Any) -> Tensor:
+        raise RuntimeError("this loss is reference-free; no reference log-probs exist")
 
 
 @torch.no_grad()
@@ -236,29 +187,29 @@ def compute_reference_table(
 ) -> tuple[Tensor, int]:
     """Run `scorer` over `batches` (each with `global_ids`), filling a `[n_total]` fp32 table (NaN = never seen).
     Returns (table, number of forward passes). The model is put in eval mode for the pass and restored after."""
-    was_training = model.training
-    model.eval()
-    table = torch.full((n_total,), float("nan"))
-    passes = 0
-    it = batches
-    if progress:
-        from tqdm.auto import tqdm
+    with eval_mode(model):
+        table = torch.full((n_total,), float("nan"))
+        passes = 0
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
 
-        it = tqdm(batches, desc="reference", unit="batch")
-    for b in it:
-        table[b["global_ids"]] = scorer(model, b).float().cpu()
-        passes += 1
-    model.train(was_training)
+            it = tqdm(batches, desc="reference", unit="batch")
+        for b in it:
+            table[b["global_ids"]] = scorer(model, b).float().cpu()
+            passes += 1
     return table, passes
 
 
-@dataclass
-class PrecomputedReference:
+class PrecomputedReference(Reference):
     """Reference values looked up by sequence id in a table computed once (and cached on disk)."""
 
-    table: Tensor
-    info: dict[str, Any] = field(default_factory=dict)
-    kind: str = "precomputed"
+    kind = "precomputed"
+
+    def __init__(self, table: Tensor, info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.table = table
+        self.info = {"kind": self.kind, **(info or {})}
 
     @classmethod
     def build(
@@ -266,7 +217,7 @@ class PrecomputedReference:
         model: torch.nn.Module,
         sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
         make_batches: Callable[[], Iterable[Mapping[str, Any]]],
-        scorer: Scorer,
+        scorer: Any,
         *,
         cache_dir: str | Path | None = None,
         settings: Mapping[str, Any] | None = None,
@@ -278,14 +229,14 @@ class PrecomputedReference:
             model: the *initial* policy (before any update, before a resume loads trained weights).
             sequences: every sequence, in table-id order (id k = `sequences[k]`); hashed for the key.
             make_batches: returns the batches that cover all ids (built only on a cache miss).
-            scorer: temperature / LD-DPO settings (in the key).
+            scorer: a :class:`alignkit.scoring.SequenceScorer` (temperature / LD-DPO settings, in the key).
             cache_dir: None = `default_cache_dir()`.
             settings: any further settings that shape the data or log-probs (chat format, max_length, ...).
         """
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = reference_cache_key(model, hash_sequences(sequences), {**scorer.key_settings(), **(settings or {})})
         path = cache / f"{key}.pt"
-        info: dict[str, Any] = {"kind": "precomputed", "key": key, "path": str(path), "forward_passes": 0}
+        info: dict[str, Any] = {"key": key, "path": str(path), "forward_passes": 0}
         if path.is_file():
             table = torch.load(path, map_location="cpu", weights_only=True)["logps"]
             if table.shape == (len(sequences),) and not torch.isnan(table).any():
@@ -299,12 +250,9 @@ class PrecomputedReference:
         os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves a half-written table
         return cls(table, {**info, "cache_hit": False, "forward_passes": passes})
 
-    def logps(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        device = next(model.parameters()).device
+    def logps(self, policy: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        device = next(policy.parameters()).device
         return self.table[batch["global_ids"]].to(device)
-
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"key": self.info.get("key")}
@@ -317,29 +265,16 @@ class PrecomputedReference:
             )
 
 
-class LoraReference:
+class LoraReference(Reference):
     """The policy with its LoRA adapter switched off: the frozen base model is the reference."""
 
     kind = "lora"
 
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer = scorer
-        self.info: dict[str, Any] = {"kind": "lora"}
-
-    def logps(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        if not hasattr(model, "disable_adapter"):
+    def logps(self, policy: torch.nn.Module, batch: Any) -> Tensor:
+        if not hasattr(policy, "disable_adapter"):
             raise ValueError("reference='lora' needs a peft model (set lora_r > 0)")
-        with model.disable_adapter():
-            return self.scorer(model, batch)
-
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        with policy.disable_adapter():
+            return self.scorer(policy, batch)
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -349,31 +284,21 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class ModelReference:
+class ModelReference(Reference):
     """An explicit frozen reference model (a second model in memory)."""
 
     kind = "model"
 
     def __init__(self, ref_model: torch.nn.Module, scorer: Scorer) -> None:
+        super().__init__(scorer)
         self.model = _frozen(ref_model)
-        self.scorer = scorer
-        self.info: dict[str, Any] = {"kind": self.kind}
 
     @classmethod
     def copy_of(cls, policy: torch.nn.Module, scorer: Scorer, **kw: Any) -> ModelReference:
         return cls(copy.deepcopy(policy), scorer, **kw)
 
-    def logps(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    def logps(self, policy: torch.nn.Module, batch: Any) -> Tensor:
         return self.scorer(self.model, batch)
-
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 @torch.no_grad()
@@ -396,9 +321,9 @@ class SyncedReference(ModelReference):
         self.alpha, self.sync_steps = alpha, sync_steps
         self.info.update(alpha=alpha, sync_steps=sync_steps)
 
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
+    def after_step(self, policy: torch.nn.Module, step: int) -> None:
         if step % self.sync_steps == 0:
-            soft_update(self.model, model, self.alpha)
+            soft_update(self.model, policy, self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
         return {"weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
@@ -406,3 +331,83 @@ class SyncedReference(ModelReference):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "weights" in state:
             self.model.load_state_dict(state["weights"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceInputs:
+    """Everything a reference kind may need; each builder reads its own fields.
+
+    ``sequences`` / ``batches`` (precomputed): every sequence in table-id order, and a function returning the
+    batches that cover them; ``ref_model``: a model object for ``model`` / ``tr_dpo`` (None: a frozen copy of
+    the policy, taken when the reference is built, so build it before any update and before LoRA wraps it).
+    """
+
+    scorer: Any = None
+    ref_model: torch.nn.Module | None = None
+    sequences: Callable[[], Sequence[tuple[Sequence[int], Sequence[int]]]] | None = None
+    batches: Callable[[], Iterable[Mapping[str, Any]]] | None = None
+    cache_dir: str | None = None
+    settings: Mapping[str, Any] | None = None
+    progress: bool = False
+    tr_dpo_alpha: float = 0.6
+    tr_dpo_sync_steps: int = 512
+
+
+def _precomputed(policy: torch.nn.Module, x: ReferenceInputs) -> Reference:
+    if x.sequences is None or x.batches is None:
+        raise ValueError("reference='precomputed' needs the sequences and batches of the data")
+    return PrecomputedReference.build(
+        policy, x.sequences(), x.batches, x.scorer, cache_dir=x.cache_dir, settings=x.settings, progress=x.progress
+    )
+
+
+def _separate_model(policy: torch.nn.Module, x: ReferenceInputs) -> torch.nn.Module:
+    if x.ref_model is None:
+        return copy.deepcopy(policy)
+    return x.ref_model.to(next(policy.parameters()).device)
+
+
+#: kind -> builder ``(policy, ReferenceInputs) -> Reference``.
+REFERENCES: dict[str, Callable[[torch.nn.Module, ReferenceInputs], Reference]] = {
+    "precomputed": _precomputed,
+    "lora": lambda policy, x: LoraReference(x.scorer),
+    "model": lambda policy, x: ModelReference(_separate_model(policy, x), x.scorer),
+    "tr_dpo": lambda policy, x: SyncedReference(
+        _separate_model(policy, x), x.scorer, alpha=x.tr_dpo_alpha, sync_steps=x.tr_dpo_sync_steps
+    ),
+    "none": lambda policy, x: NoReference(),
+}
+REFERENCE_KINDS = tuple(REFERENCES)
+
+
+def resolve_reference_kind(kind: str, *, reference_free: bool = False, lora: bool = False) -> str:
+    """The kind a run will use (``"none"`` for reference-free losses); raises on combinations that cannot work."""
+    if reference_free:
+        return "none"
+    if kind not in REFERENCES or kind == "none":
+        raise ValueError(f"reference={kind!r}; expected one of {[k for k in REFERENCES if k != 'none']}")
+    if kind == "lora" and not lora:
+        raise ValueError("reference='lora' switches the LoRA adapter off; it needs lora_r > 0 or a peft model")
+    if kind == "tr_dpo" and lora:
+        raise ValueError("reference='tr_dpo' syncs full weights; it cannot be combined with LoRA (lora_r > 0)")
+    return kind
+
+
+def build_reference(kind: str, policy: torch.nn.Module, inputs: ReferenceInputs) -> Reference:
+    """The reference of ``kind`` (a :data:`REFERENCES` name) for ``policy``."""
+    try:
+        builder = REFERENCES[kind]
+    except KeyError:
+        raise ValueError(f"unknown reference kind {kind!r}; expected one of {list(REFERENCES)}") from None
+    return builder(policy, inputs)
+
+
+def default_rl_reference_kind(policy: torch.nn.Module, has_ref_model: bool) -> str:
+    """The RL loops' reference: the adapter switched off for a peft policy without a named reference model, else
+    a separate frozen model (``ref_model``, or a copy of the initial policy)."""
+    return "lora" if is_peft(policy) and not has_ref_model else "model"

@@ -94,8 +94,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import run_child  # noqa: E402
-from sft_vs_trl import PeakRSS, clock, intervals, model  # noqa: E402  (the SFT benchmark's helpers)
+from _common import (  # noqa: E402
+    ALIGNKIT_CPU_ARGS,
+    TRL_CPU_ARGS,
+    PeakRSS,
+    bench_model,
+    clock,
+    llama2_tokenizer,
+    load_jsonl,
+    median_time,
+    pooled_medians,
+    print_columns,
+    print_profile,
+    profile_step,
+    run_child,
+    run_variants,
+    step_result,
+    step_times,
+    trl_step_timer,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 TEMPLATE = ROOT.parent / "shared" / "conformance" / "templates" / "llama-2-chat.jinja"
@@ -112,19 +129,12 @@ BETA = 0.1
 
 def tokenizer():  # noqa: ANN201
     """Llama 2 tokenizer (32,000 tokens) with the real Llama-2-chat template (alignkit detects it as 'llama-2')."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conformance_kit import load_tokenizer
-
-    tok = load_tokenizer("llama2")
-    tok.chat_template = TEMPLATE.read_text()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # what TRL picks too
-    return tok
+    return llama2_tokenizer(TEMPLATE.read_text())
 
 
 def read_rows(data: str) -> list[dict]:
     ds = DATASETS[data]
-    return [json.loads(line) for line in (DATA / ds / f"{ds}.jsonl").read_text().splitlines() if line.strip()]
+    return load_jsonl(DATA / ds / f"{ds}.jsonl")
 
 
 def trl_split(tok, row: dict) -> tuple[list[int], list[int], int]:  # noqa: ANN001
@@ -183,6 +193,13 @@ def select_pairs(data: str, max_length: int) -> tuple[list[int], dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _result(marks, warmup: int, steps: int, peak_mb: float, scored, tokens, losses, startup_wall: float) -> dict:  # noqa: ANN001
+    """A variant's result: `step_result` of the timed steps, the losses of every step (warm-up included, to compare
+    variants) and the wall time from the memory baseline to the end of the first step."""
+    res = step_result(marks, warmup, steps, peak_mb, scored=scored, tokens=tokens)
+    return {**res, "loss": losses[: warmup + steps], "startup_wall": startup_wall}
+
+
 def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: int, packing: bool) -> dict:  # noqa: ANN001
     import alignkit.loops.dpo as dpo_loop
     from alignkit.loops.dpo import DPOConfig, train_dpo
@@ -215,16 +232,11 @@ def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_leng
             batch_size=N_PAIRS,
             epochs=float(total),  # one epoch of the 8 pairs = one step
             lr=LR,
-            schedule="constant",
-            max_grad_norm=1.0,
             beta=BETA,
             loss_type=["sigmoid"],
             reference="precomputed",
             reference_cache_dir=f"{tmp}/cache",  # empty: the reference pass runs (before step 1, not timed)
-            dtype="float32",
-            attn_implementation="sdpa",
-            progress=False,
-            log_every=10**9,
+            **ALIGNKIT_CPU_ARGS,
         )
         mem.reset()
         marks.append(clock())
@@ -233,33 +245,16 @@ def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_leng
     assert summary["steps"] == total, f"expected {total} steps (one per epoch), got {summary['steps']}"
     ref = summary["reference"]
     assert ref["kind"] == "precomputed" and not ref["cache_hit"] and ref["forward_passes"] >= 1, ref
-    sl = slice(warmup, warmup + steps)
-    return {
-        **intervals(marks, warmup, steps),
-        "scored": scored[sl],
-        "tokens": tokens[sl],
-        "loss": losses[: warmup + steps],
-        "peak_mb": peak["mb"],
-        "startup_wall": marks[1][0] - marks[0][0],
-    }
+    return _result(marks, warmup, steps, peak["mb"], scored, tokens, losses, startup_wall=marks[1][0] - marks[0][0])
 
 
 def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: int, precompute: bool) -> dict:  # noqa: ANN001
     import datasets
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     total = warmup + steps
     marks, scored, tokens, losses, peak = [], [], [], [], {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            marks.append(clock())
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            marks.append(clock())
-            if state.global_step == total:
-                peak["mb"] = mem.peak_mb()
+    timer = trl_step_timer(marks, mem, total, peak)
 
     class CountingDPOTrainer(DPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
@@ -274,11 +269,8 @@ def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: i
         args = DPOConfig(
             output_dir=tmp,
             per_device_train_batch_size=N_PAIRS,
-            gradient_accumulation_steps=1,
             max_steps=total,
             learning_rate=LR,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
             beta=BETA,
             loss_type=["sigmoid"],
             max_length=max_length,
@@ -286,16 +278,7 @@ def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: i
             precompute_ref_log_probs=precompute,
             precompute_ref_batch_size=N_PAIRS,
             gradient_checkpointing=False,  # TRL's DPOConfig defaults to True
-            bf16=False,  # TRL's DPOConfig defaults to True
-            fp16=False,
-            use_cpu=True,
-            train_sampling_strategy="sequential",
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **TRL_CPU_ARGS,  # bf16=False among them (TRL's DPOConfig defaults to True)
         )
         mem.reset()
         t0 = clock()
@@ -310,17 +293,9 @@ def run_trl(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, max_length: i
             processing_class=tok,
         )
         assert (trainer.ref_model is None) == precompute
-        trainer.add_callback(Timer())
+        trainer.add_callback(timer)
         trainer.train()
-    sl = slice(warmup, warmup + steps)
-    return {
-        **intervals(marks, warmup, steps),
-        "scored": scored[sl],
-        "tokens": tokens[sl],
-        "loss": losses[: warmup + steps],
-        "peak_mb": peak["mb"],
-        "startup_wall": marks[1][0] - t0[0],
-    }
+    return _result(marks, warmup, steps, peak["mb"], scored, tokens, losses, startup_wall=marks[1][0] - t0[0])
 
 
 VARIANTS = {
@@ -349,7 +324,7 @@ def child(variant: str, data: str, rows_idx: list[int], steps: int, warmup: int,
     torch.manual_seed(0)
     all_rows = read_rows(data)
     rows = [all_rows[i] for i in rows_idx]
-    tok, mdl = tokenizer(), model()
+    tok, mdl = tokenizer(), bench_model()
     mem = PeakRSS()
     res = VARIANTS[variant](rows, tok, mdl, steps, warmup, mem, max_length=max_length)
     res["method"] = mem.method
@@ -361,16 +336,6 @@ def child(variant: str, data: str, rows_idx: list[int], steps: int, warmup: int,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _median_time(fn, reps: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
-
-
 def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, max_length: int) -> dict:
     """CPU seconds of the parts of one alignkit DPO step (what `train_dpo` does per micro-batch, written out), then
     the same batch through TRL's CPU head (every padded position scored, full logits) and packed instead of padded."""
@@ -379,58 +344,42 @@ def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, ma
     if threads > 0:
         torch.set_num_threads(threads)
     from alignkit.data.preference import collate_pairs, tokenize_pairs
-    from alignkit.logprobs import chunked_token_logps, segment_sum
+    from alignkit.logprobs import chunked_token_logps
     from alignkit.loops.common import make_optimizer
-    from alignkit.losses.preference import dpo_loss, split_pairs
-    from alignkit.reference import Scorer
+    from alignkit.losses.preference import dpo_loss
+    from alignkit.ops import segment_sum, split_pairs
+    from alignkit.scoring import SequenceScorer
 
     all_rows = read_rows(data)
-    tok, mdl = tokenizer(), model()
+    tok, mdl = tokenizer(), bench_model()
     pairs, _ = tokenize_pairs(tok, [all_rows[i] for i in rows_idx], max_length=max_length)
     pad = tok.pad_token_id
-    ref = Scorer()(mdl, collate_pairs(pairs, pad_token_id=pad))  # the precomputed values, [2P]
+    ref = SequenceScorer()(mdl, collate_pairs(pairs, pad_token_id=pad))  # the precomputed values, [2P]
     mdl.train()
     opt = make_optimizer(mdl, LR)
     backbone, head = mdl.get_decoder(), mdl.get_output_embeddings()
-    parts: dict[str, list[float]] = {}
-    stamps: list[float] = []
-    for rep in range(reps + 1):
-        t = [time.process_time()]
+    last: dict = {}  # the last step's labels and scored-position mask, for the alternatives below
+
+    def forward(lap):  # noqa: ANN001, ANN202
         b = collate_pairs(pairs, pad_token_id=pad)
-        t.append(time.process_time())
+        lap("collate (padded)")
         kw = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
         hidden = backbone(**kw, use_cache=False).last_hidden_state
-        t.append(time.process_time())
+        lap("backbone forward")
         labels = b["labels"]
         sel = labels[:, 1:] != -100
         logps = chunked_token_logps(hidden[:, :-1][sel], head.weight, labels[:, 1:][sel])["logps"]
-        t.append(time.process_time())
+        lap("LM head forward (chunked, completion tokens only)")
         seq = b["sequence_ids"][:, 1:][sel]
         pc, pr = split_pairs(segment_sum(logps, seq, b["n_sequences"]))
         rc, rr = split_pairs(ref)
         loss, _ = dpo_loss(pc, pr, rc, rr, beta=BETA, normalizer=float(len(pairs)))
-        t.append(time.process_time())
-        stamps.clear()
-        hidden.register_hook(lambda g: stamps.append(time.process_time()))  # grad reaches the backbone output
-        loss.backward()
-        t.append(time.process_time())
-        torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t.append(time.process_time())
-        if rep == 0:
-            continue  # warm-up
-        for name, v in (
-            ("collate (padded)", t[1] - t[0]),
-            ("backbone forward", t[2] - t[1]),
-            ("LM head forward (chunked, completion tokens only)", t[3] - t[2]),
-            ("sequence sums + dpo_loss", t[4] - t[3]),
-            ("LM head backward (recomputes tiles)", stamps[0] - t[4]),
-            ("backbone backward", t[5] - stamps[0]),
-            ("clip + AdamW (make_optimizer)", t[6] - t[5]),
-            ("total", t[6] - t[0]),
-        ):
-            parts.setdefault(name, []).append(v)
+        lap("sequence sums + dpo_loss")
+        last.update(labels=labels, sel=sel)
+        return hidden, loss
+
+    parts = profile_step(forward, mdl, opt, reps)
+    labels, sel = last["labels"], last["sel"]
 
     alt: dict[str, float] = {}
     n_scored, n_padded = int(sel.sum()), int(labels[:, 1:].numel())
@@ -452,8 +401,8 @@ def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, ma
 
         return run
 
-    alt[f"LM head fwd+bwd, chunked, {n_scored} completion tokens"] = _median_time(head_fb(n_scored, False), reps)
-    alt[f"LM head fwd+bwd, full logits, all {n_padded} padded positions"] = _median_time(head_fb(n_padded, True), 1)
+    alt[f"LM head fwd+bwd, chunked, {n_scored} completion tokens"] = median_time(head_fb(n_scored, False), reps)
+    alt[f"LM head fwd+bwd, full logits, all {n_padded} padded positions"] = median_time(head_fb(n_padded, True), 1)
 
     def backbone_fb(packing: bool):  # noqa: ANN202
         pb = collate_pairs(pairs, pad_token_id=pad, packing=packing, capacity=max_length)
@@ -467,17 +416,13 @@ def profile_alignkit(data: str, rows_idx: list[int], reps: int, threads: int, ma
 
     for packing in (False, True):
         run, n = backbone_fb(packing)
-        alt[f"backbone fwd+bwd, {'packed' if packing else 'padded'} ({n} positions)"] = _median_time(run, reps)
-    return {"parts": {k: statistics.median(v) for k, v in parts.items()}, "alternatives": alt}
+        alt[f"backbone fwd+bwd, {'packed' if packing else 'padded'} ({n} positions)"] = median_time(run, reps)
+    return {"parts": parts, "alternatives": alt}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _spawn(args: list[str]) -> dict:
-    return run_child(__file__, args)
 
 
 def main() -> None:
@@ -514,24 +459,21 @@ def main() -> None:
     variants = [v for v in a.variants.split(",") if v]
     common = ["--data", a.data, "--rows", ",".join(map(str, rows_idx)), "--max-length", str(a.max_length)]
     common += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
-    results: dict[str, list[dict]] = {v: [] for v in variants}
+
+    def describe(res: dict) -> str:
+        return (
+            f"{step_times(res)}  startup+warm-up {res['startup_wall']:.1f} s  "
+            f"loss/step {[round(x, 5) for x in res['loss']]}"
+        )
+
     t_start = time.perf_counter()
-    for r in range(a.runs):
-        for v in variants:
-            res = _spawn(["--child", v, *common])
-            results[v].append(res)
-            print(
-                f"  run {r + 1} {v:13s} wall s/step {[round(x, 2) for x in res['wall']]}  "
-                f"CPU s/step {[round(x, 2) for x in res['cpu']]}  peak +{res['peak_mb']:.0f} MB ({res['method']})  "
-                f"startup+warm-up {res['startup_wall']:.1f} s  loss/step {[round(x, 5) for x in res['loss']]}",
-                flush=True,
-            )
+    results = run_variants(__file__, variants, a.runs, common, describe, width=13)
 
     table = {}
     for v, runs in results.items():
         assert {c for r in runs for c in r["scored"]} == {st["scored"]}, f"{v}: scored tokens {runs[0]['scored']}"
         assert {c for r in runs for c in r["tokens"]} == {st["tokens"]}, f"{v}: real tokens {runs[0]['tokens']}"
-        table[v] = {k: statistics.median(t for r in runs for t in r[k]) for k in ("wall", "cpu")}
+        table[v] = pooled_medians(runs, ("wall", "cpu"))
         table[v]["peak"] = statistics.median(r["peak_mb"] for r in runs)
     # same model, data, reference and update rule: the per-step losses must agree across variants
     first = results[variants[0]][0]["loss"]
@@ -545,10 +487,11 @@ def main() -> None:
         f"(asserted); per-step losses agree across variants to < 1e-4 (asserted); benchmark wall time {wall:.0f} s"
     )
     head = ("wall s/step", "steps/s wall", "CPU s/step", "steps/s CPU", "peak MB")
-    print(f"{'variant':13s} " + " ".join(f"{h:>12s}" for h in head))
-    for v, x in table.items():
-        cells = (f"{x['wall']:.2f}", f"{1 / x['wall']:.3f}", f"{x['cpu']:.2f}", f"{1 / x['cpu']:.3f}")
-        print(f"{v:13s} " + " ".join(f"{c:>12s}" for c in (*cells, f"{x['peak']:.0f}")))
+    cells = {
+        v: [f"{x['wall']:.2f}", f"{1 / x['wall']:.3f}", f"{x['cpu']:.2f}", f"{1 / x['cpu']:.3f}", f"{x['peak']:.0f}"]
+        for v, x in table.items()
+    }
+    print_columns(head, cells, 13, 12)
     for ak in (v for v in table if v.startswith("alignkit")):
         for ref in (v for v in table if v.startswith("trl")):
             thr = {k: table[ref][k] / table[ak][k] for k in ("wall", "cpu")}  # steps/s ratio = inverse time ratio
@@ -560,14 +503,8 @@ def main() -> None:
             )
 
     if a.profile:
-        p = _spawn(["--child", "profile", *common])
-        print(f"\nalignkit step profile (CPU s, median of {a.steps}):")
-        total = p["parts"]["total"]
-        for k, v in p["parts"].items():
-            print(f"  {k:58s} {v:7.3f} s  {100 * v / total:5.1f}%")
-        print("for comparison, same batch:")
-        for k, v in p["alternatives"].items():
-            print(f"  {k:58s} {v:7.3f} s")
+        p = run_child(__file__, ["--child", "profile", *common])
+        print_profile(p, f"\nalignkit step profile (CPU s, median of {a.steps}):", "for comparison, same batch:", 58)
 
 
 if __name__ == "__main__":

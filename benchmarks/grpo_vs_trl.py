@@ -70,13 +70,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import run_child
+from _common import (
+    bench_model,
+    bench_model_config,
+    clock,
+    intervals,
+    llama2_tokenizer,
+    load_jsonl,
+    pooled_medians,
+    print_columns,
+    run_variants,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -97,7 +106,7 @@ def prompt_rows(n: int) -> list[dict]:
     path = DATA / "gsm8k" / "gsm8k_test.jsonl"
     if not path.exists():
         path = next((DATA / "gsm8k").glob("*.jsonl"))
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
+    rows = load_jsonl(path)[:n]
     out = []
     for r in rows:
         q = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
@@ -114,18 +123,10 @@ def digit_share(prompts: list, completions: list, completion_ids: list, **_: obj
 
 def build_workload(folder: Path) -> None:
     """Save the tokenizer (ChatML template, pad = eos) and the random model where every child loads them."""
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conformance_kit import load_tokenizer
-
-    from alignkit.models import build_tiny_model, tiny_llama_config
-
-    tok = load_tokenizer("llama2")
-    tok.chat_template = CHATML
-    tok.pad_token = tok.pad_token or tok.eos_token
-    cfg = tiny_llama_config(32000, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, max_positions=2048)
+    tok = llama2_tokenizer(CHATML)
+    cfg = bench_model_config()
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    model = build_tiny_model(cfg, seed=0, attn_implementation="sdpa")
+    model = bench_model(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -135,10 +136,10 @@ def check_prompts(folder: Path, rows: list[dict]) -> list[int]:
     """alignkit's prompt tokens == HF ``apply_chat_template`` (what TRL feeds ``generate``); returns lengths."""
     from transformers import AutoTokenizer
 
-    from alignkit.loops._rl_common import RLConfig, load_prompts
+    from alignkit.data.prompts import load_prompts
 
     tok = AutoTokenizer.from_pretrained(folder)
-    ours = [p.ids for p in load_prompts(rows, tok, RLConfig(chat_format="chatml", max_prompt_length=None))]
+    ours = [p.ids for p in load_prompts(rows, tok, chat_format="chatml")]
     hf = [list(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
                ["input_ids"]) for r in rows]  # fmt: skip
     assert ours == hf, "alignkit and HF tokenize the prompts differently"
@@ -170,7 +171,7 @@ def child_trl(folder: str, n_prompts: int, steps: int, max_new: int) -> dict:
 
     class Mark(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            marks.append((time.perf_counter(), time.process_time()))
+            marks.append(clock())
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
@@ -218,7 +219,7 @@ def child_trl(folder: str, n_prompts: int, steps: int, max_new: int) -> dict:
             return ids, lps
 
         trainer._generate_single_turn = timed
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(clock())
         trainer.train()
     return {"marks": marks, "gen": gen, "sync": [0.0] * len(gen), "tokens": tokens}
 
@@ -233,7 +234,7 @@ def child_alignkit(folder: str, n_prompts: int, steps: int, max_new: int, backen
     tokens: list[int] = []
 
     def mark(step: int, rec: dict) -> None:
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(clock())
         gen.append(rec["gen_time_s"])
         sync.append(rec["weight_sync_s"])
         tokens.append(int(round(rec["completion_length"] * n_prompts * GROUP)))
@@ -258,7 +259,7 @@ def child_alignkit(folder: str, n_prompts: int, steps: int, max_new: int, backen
             progress=False,
             seed=0,
         )
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(clock())
         train_grpo(cfg, model=model, tokenizer=tok, train_data=prompt_rows(n_prompts), reward_funcs=[digit_share],
                    callbacks=[mark])  # fmt: skip
     return {"marks": marks[:-1], "gen": gen[:-1], "sync": sync[:-1], "tokens": tokens[:-1]}
@@ -278,11 +279,8 @@ def child(variant: str, folder: str, n_prompts: int, steps: int, warmup: int, ma
         res = child_alignkit(folder, n_prompts, total, max_new, backend)
     m = res["marks"]
     assert len(m) == total + 1, f"{variant}: {len(m) - 1} step marks, expected {total}"
-    wall = [b[0] - a[0] for a, b in zip(m[:-1], m[1:])][warmup:]
-    cpu = [b[1] - a[1] for a, b in zip(m[:-1], m[1:])][warmup:]
     return {
-        "wall": wall,
-        "cpu": cpu,
+        **intervals(m, warmup, steps),
         "gen": res["gen"][warmup:total],
         "sync": res["sync"][warmup:total],
         "tokens": res["tokens"][warmup:total],
@@ -338,33 +336,27 @@ def main() -> None:
         )
         common = ["--folder", folder, "--prompts", str(a.prompts), "--steps", str(a.steps)]
         common += ["--warmup", str(a.warmup), "--max-new-tokens", str(a.max_new_tokens), "--threads", str(a.threads)]
-        results: dict[str, list[dict]] = {v: [] for v in variants}
-        t_start = time.perf_counter()
-        for r in range(a.runs):
-            for v in variants:
-                res = run_child(__file__, ["--child", v, *common], python=pythons[v], env=env)
-                results[v].append(res)
-                r2 = {k: [round(x, 2) for x in res[k]] for k in ("wall", "cpu", "gen", "sync")}
-                print(
-                    f"  run {r + 1} {v:20s} wall s/step {r2['wall']}  CPU s/step {r2['cpu']}  generation s "
-                    f"{r2['gen']}  weight sync s {r2['sync']}  completion tokens {res['tokens']}  "
-                    f"start-up {res['startup_wall']:.1f} s",
-                    flush=True,
-                )
 
-    table = {}
-    for v, runs in results.items():
-        med = {k: statistics.median(t for r in runs for t in r[k]) for k in ("wall", "cpu", "gen", "sync")}
-        med["tokens"] = statistics.median(t for r in runs for t in r["tokens"])
-        table[v] = med
+        def describe(res: dict) -> str:
+            r2 = {k: [round(x, 2) for x in res[k]] for k in ("wall", "cpu", "gen", "sync")}
+            return (
+                f"wall s/step {r2['wall']}  CPU s/step {r2['cpu']}  generation s {r2['gen']}  weight sync s "
+                f"{r2['sync']}  completion tokens {res['tokens']}  start-up {res['startup_wall']:.1f} s"
+            )
+
+        t_start = time.perf_counter()
+        results = run_variants(__file__, variants, a.runs, common, describe, width=20, pythons=pythons, env=env)
+
+    table = {v: pooled_medians(runs, ("wall", "cpu", "gen", "sync", "tokens")) for v, runs in results.items()}
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s; medians over all timed steps")
     head = ("wall s/step", "samples/s wall", "CPU s/step", "samples/s CPU", "generation s", "weight sync s")
     head += ("compl. tokens",)
-    print(f"{'variant':20s} " + " ".join(f"{h:>14s}" for h in head))
-    for v, x in table.items():
-        cells = [f"{x['wall']:.2f}", f"{n / x['wall']:.2f}", f"{x['cpu']:.2f}", f"{n / x['cpu']:.2f}"]
-        cells += [f"{x['gen']:.2f}", f"{x['sync']:.2f}", f"{x['tokens']:.0f}"]
-        print(f"{v:20s} " + " ".join(f"{c:>14s}" for c in cells))
+    cells = {
+        v: [f"{x['wall']:.2f}", f"{n / x['wall']:.2f}", f"{x['cpu']:.2f}", f"{n / x['cpu']:.2f}"]
+        + [f"{x['gen']:.2f}", f"{x['sync']:.2f}", f"{x['tokens']:.0f}"]
+        for v, x in table.items()
+    }
+    print_columns(head, cells, 20, 14)
     if "trl" in table:
         for v in (v for v in table if v.startswith("alignkit")):
             ratio = {k: table["trl"][k] / table[v][k] for k in ("wall", "cpu")}  # samples/s ratio

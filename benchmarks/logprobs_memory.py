@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import PeakRSS
+
 B, T, V, H = 8, 512, 32000, 256
-
-
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def _child(variant: str, token_chunk: int, timing_iters: int) -> dict:
@@ -52,12 +48,8 @@ def _child(variant: str, token_chunk: int, timing_iters: int) -> dict:
         (-logps.mean()).backward()
         hidden.grad = weight.grad = None
 
-    rss_before = _status_kb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        method = "VmHWM"
-    except OSError:
-        method = "ru_maxrss"
+    mem = PeakRSS()
+    mem.reset()
     wall, cpu = [], []
     for i in range(1 + timing_iters):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -65,8 +57,8 @@ def _child(variant: str, token_chunk: int, timing_iters: int) -> dict:
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
         if i == 0:
-            peak = _status_kb("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mb": (peak - rss_before) / 1024, "wall_s": min(wall), "cpu_s": min(cpu), "method": method}
+            peak_mb = mem.peak_mb()
+    return {"peak_mb": peak_mb, "wall_s": min(wall), "cpu_s": min(cpu), "method": mem.method}
 
 
 def _run(variant: str, token_chunk: int, timing_iters: int) -> dict:

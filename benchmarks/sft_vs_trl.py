@@ -81,15 +81,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import run_child
+from _common import (
+    ALIGNKIT_CPU_ARGS,
+    TRL_CPU_ARGS,
+    PeakRSS,
+    bench_model,
+    clock,
+    llama2_tokenizer,
+    load_jsonl,
+    median_time,
+    pooled_medians,
+    print_columns,
+    print_profile,
+    profile_step,
+    run_child,
+    run_variants,
+    step_result,
+    step_times,
+    trl_step_timer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -110,31 +126,11 @@ CHATML_GEN = (
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-class PeakRSS:
-    """Peak resident memory since `reset()`, in MB above the RSS at reset (see module docstring)."""
-
-    def reset(self) -> None:
-        self.base_kb = _status_kb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.method = "VmHWM"
-        except OSError:
-            self.method = "ru_maxrss"
-
-    def peak_mb(self) -> float:
-        peak = _status_kb("VmHWM") if self.method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (peak - self.base_kb) / 1024
-
-
 def conversations(name: str) -> list[dict]:
     """The 8 conversations every step trains on (deterministic: the first ones of the set)."""
 
     def read(ds: str) -> list[dict]:
-        return [json.loads(line) for line in (DATA / ds / f"{ds}.jsonl").read_text().splitlines() if line.strip()]
+        return load_jsonl(DATA / ds / f"{ds}.jsonl")
 
     if name == "fastchat":
         rows = read("fastchat_dummy_conversation")
@@ -149,22 +145,7 @@ def conversations(name: str) -> list[dict]:
 
 
 def tokenizer():  # noqa: ANN201
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conformance_kit import load_tokenizer
-
-    tok = load_tokenizer("llama2")
-    tok.chat_template = CHATML_GEN
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # what TRL would pick too
-    return tok
-
-
-def model():  # noqa: ANN201
-    sys.path.insert(0, str(ROOT))
-    from alignkit.models import build_tiny_model, tiny_llama_config
-
-    cfg = tiny_llama_config(32000, hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, max_positions=2048)
-    return build_tiny_model(cfg, seed=0, attn_implementation="sdpa")
+    return llama2_tokenizer(CHATML_GEN)
 
 
 def hf_encode(tok, rows: list[dict]) -> list[dict]:  # noqa: ANN001
@@ -181,20 +162,6 @@ def hf_encode(tok, rows: list[dict]) -> list[dict]:  # noqa: ANN001
 def trained_per_step(encoded: list[dict]) -> int:
     """Trained targets of one step: labels at t >= 1 (position 0 is never predicted)."""
     return sum(sum(1 for x in e["labels"][1:] if x != -100) for e in encoded)
-
-
-def clock() -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads)."""
-    return time.perf_counter(), time.process_time()
-
-
-def intervals(marks: list[tuple[float, float]], first: int, n: int) -> dict[str, list[float]]:
-    """Wall and CPU seconds of steps first..first+n-1, where marks[i] is the clock at the end of step i-1."""
-    sl = slice(first, first + n)
-    return {
-        "wall": [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:])][sl],
-        "cpu": [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:])][sl],
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,39 +190,25 @@ def run_alignkit(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:
             batch_size=N_CONV,  # pack_tokens = 8 * 2048 >= the 8 conversations: one bin = one step
             epochs=float(total),
             lr=LR,
-            schedule="constant",
-            max_grad_norm=1.0,
-            dtype="float32",
-            attn_implementation="sdpa",
-            progress=False,
-            log_every=10**9,
+            **ALIGNKIT_CPU_ARGS,
         )
         mem.reset()
         marks.append(clock())
         summary = train_sft(cfg, model=mdl, tokenizer=tok, train_data=rows, callbacks=[cb])
     assert summary["steps"] == total, f"expected {total} steps (one per epoch), got {summary['steps']}"
     # alignkit counts labels != -100 before packing; position 0 of a document is never trained by the template
-    return {**intervals(marks, warmup, steps), "trained": trained[warmup : warmup + steps], "peak_mb": peak["mb"]}
+    return step_result(marks, warmup, steps, peak["mb"], trained=trained)
 
 
 def run_trl(  # noqa: ANN001
     rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS, padding_free: bool, checkpointing: bool
 ) -> dict:
     import datasets
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     total = warmup + steps
     marks, trained, peak = [], [], {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            marks.append(clock())
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            marks.append(clock())
-            if state.global_step == total:
-                peak["mb"] = mem.peak_mb()
+    timer = trl_step_timer(marks, mem, total, peak)
 
     class CountingSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
@@ -267,34 +220,22 @@ def run_trl(  # noqa: ANN001
         args = SFTConfig(
             output_dir=tmp,
             per_device_train_batch_size=N_CONV,
-            gradient_accumulation_steps=1,
             max_steps=total,
             learning_rate=LR,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
             assistant_only_loss=True,
             packing=False,
             padding_free=padding_free,
             max_length=None if padding_free else MAX_LENGTH,  # TRL refuses max_length with padding_free, no packing
             gradient_checkpointing=checkpointing,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            train_sampling_strategy="sequential",
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **TRL_CPU_ARGS,
         )
         mem.reset()
         trainer = CountingSFTTrainer(
             model=mdl, args=args, train_dataset=datasets.Dataset.from_list(rows * total), processing_class=tok
         )
-        trainer.add_callback(Timer())
+        trainer.add_callback(timer)
         trainer.train()
-    return {**intervals(marks, warmup, steps), "trained": trained[warmup:], "peak_mb": peak["mb"]}
+    return step_result(marks, warmup, steps, peak["mb"], trained=trained)
 
 
 def run_plain(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:  # noqa: ANN001
@@ -331,7 +272,7 @@ def run_plain(rows, tok, mdl, steps: int, warmup: int, mem: PeakRSS) -> dict:  #
         marks.append(clock())
         if step == warmup + steps - 1:
             peak = mem.peak_mb()
-    return {**intervals(marks, warmup, steps), "trained": trained[warmup:], "peak_mb": peak}
+    return step_result(marks, warmup, steps, peak, trained=trained)
 
 
 def child(variant: str, data: str, steps: int, warmup: int, threads: int) -> dict:
@@ -350,7 +291,7 @@ def child(variant: str, data: str, steps: int, warmup: int, threads: int) -> dic
 
     torch.manual_seed(0)
     tok, rows = tokenizer(), conversations(data)
-    mdl = model()
+    mdl = bench_model()
     mem = PeakRSS()
     if variant == "alignkit":
         res = run_alignkit(rows, tok, mdl, steps, warmup, mem)
@@ -369,16 +310,6 @@ def child(variant: str, data: str, steps: int, warmup: int, threads: int) -> dic
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _median_time(fn, reps: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
-
-
 def profile_alignkit(data: str, reps: int, threads: int) -> dict:
     """Time the parts of one alignkit SFT step (the operations of train_sft's inner loop), then alternatives for
     the expensive parts on the same tensors. Returns {"parts": {name: s}, "alternatives": {name: s}, ...}."""
@@ -394,55 +325,38 @@ def profile_alignkit(data: str, reps: int, threads: int) -> dict:
     from alignkit.loops.sft import SFTConfig
 
     tok, rows = tokenizer(), conversations(data)
-    mdl = model()
+    mdl = bench_model()
     mdl.train()
     examples, _ = tokenize_rows(tok, rows, max_length=MAX_LENGTH)
     opt = make_optimizer(mdl, LR)
     chunk = SFTConfig.token_chunk
     backbone, head = mdl.get_decoder(), mdl.get_output_embeddings()
-    parts: dict[str, list[float]] = {}
-    stamps: list[float] = []
+    last: dict = {}  # the last step's batch, labels and trained-position mask, for the alternatives below
 
-    for rep in range(reps + 1):
-        t = [time.process_time()]
+    def forward(lap):  # noqa: ANN001, ANN202
         b = pack_collate(examples)
         kw = {**packed_forward_kwargs(b, "sdpa"), "use_cache": False}
         labels = b["labels"]
-        t.append(time.process_time())
+        lap("collate")
         hidden = backbone(**kw).last_hidden_state
-        t.append(time.process_time())
+        lap("backbone forward")
         sel = labels[:, 1:] != -100
         logps = chunked_token_logps(hidden[:, :-1][sel], head.weight, labels[:, 1:][sel], token_chunk=chunk)["logps"]
         loss = -logps.sum() / sel.sum()
-        t.append(time.process_time())
-        stamps.clear()
-        hidden.register_hook(lambda g: stamps.append(time.process_time()))  # grad reaches the backbone output
-        loss.backward()
-        t.append(time.process_time())
-        torch.nn.utils.clip_grad_norm_(mdl.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t.append(time.process_time())
-        if rep == 0:
-            continue  # warm-up
-        for name, v in (
-            ("collate", t[1] - t[0]),
-            ("backbone forward", t[2] - t[1]),
-            ("LM head forward (chunked)", t[3] - t[2]),
-            ("LM head backward (recomputes tiles)", stamps[0] - t[3]),
-            ("backbone backward", t[4] - stamps[0]),
-            ("clip + AdamW (make_optimizer)", t[5] - t[4]),
-            ("total", t[5] - t[0]),
-        ):
-            parts.setdefault(name, []).append(v)
+        lap("LM head forward (chunked)")
+        last.update(b=b, labels=labels, sel=sel)
+        return hidden, loss
+
+    parts = profile_step(forward, mdl, opt, reps)
+    b, labels, sel = last["b"], last["labels"], last["sel"]
 
     # Alternatives for the expensive parts, on the same shapes.
     alt: dict[str, float] = {}
     for p in mdl.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    alt["AdamW step, make_optimizer (for-loop)"] = _median_time(opt.step, reps)
+    alt["AdamW step, make_optimizer (for-loop)"] = median_time(opt.step, reps)
     fused = torch.optim.AdamW(mdl.parameters(), lr=LR, fused=True)
-    alt["AdamW step, fused=True"] = _median_time(fused.step, reps)
+    alt["AdamW step, fused=True"] = median_time(fused.step, reps)
     mdl.zero_grad(set_to_none=True)
 
     h = torch.randn(int(sel.sum()), head.weight.shape[1], requires_grad=True)
@@ -457,8 +371,8 @@ def profile_alignkit(data: str, reps: int, threads: int) -> dict:
         torch.log_softmax(h @ w.T, dim=-1).gather(1, tgt[:, None]).sum().backward()
         h.grad = w.grad = None
 
-    alt["LM head fwd+bwd, chunked (trained tokens)"] = _median_time(head_chunked, reps)
-    alt["LM head fwd+bwd, full logits (same tokens)"] = _median_time(head_full, reps)
+    alt["LM head fwd+bwd, chunked (trained tokens)"] = median_time(head_chunked, reps)
+    alt["LM head fwd+bwd, full logits (same tokens)"] = median_time(head_full, reps)
 
     def backbone_packed(k: int):  # noqa: ANN202
         pb = pack_collate(examples * k)
@@ -480,12 +394,12 @@ def profile_alignkit(data: str, reps: int, threads: int) -> dict:
 
     n_tokens = int(b["input_ids"].numel())
     for k in (1, 4):  # x4: the same documents four times in one row, as a larger pack_tokens would give
-        alt[f"backbone fwd+bwd, {k * n_tokens} tokens in one packed row"] = _median_time(backbone_packed(k), 1)
-        alt[f"backbone fwd+bwd, same {k * n_tokens} tokens one document at a time"] = _median_time(
+        alt[f"backbone fwd+bwd, {k * n_tokens} tokens in one packed row"] = median_time(backbone_packed(k), 1)
+        alt[f"backbone fwd+bwd, same {k * n_tokens} tokens one document at a time"] = median_time(
             backbone_per_doc(k), 1
         )
     return {
-        "parts": {k: statistics.median(v) for k, v in parts.items()},
+        "parts": parts,
         "alternatives": alt,
         "tokens": n_tokens,
         "trained": int(sel.sum()),
@@ -495,10 +409,6 @@ def profile_alignkit(data: str, reps: int, threads: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _spawn(args: list[str]) -> dict:
-    return run_child(__file__, args)
 
 
 def check_same_tokens(data: str) -> tuple[int, int]:
@@ -546,32 +456,25 @@ def main() -> None:
         f"workload: {N_CONV} conversations/step ({a.data}), {n_tok} tokens, {n_trained} trained; "
         f"{a.warmup} warm-up + {a.steps} timed steps x {a.runs} runs per variant"
     )
-    results: dict[str, list[dict]] = {v: [] for v in variants}
+    common = ["--data", a.data, "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
     t_start = time.perf_counter()
-    for r in range(a.runs):
-        for v in variants:
-            common = ["--data", a.data, "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
-            res = _spawn(["--child", v, *common])
-            results[v].append(res)
-            print(
-                f"  run {r + 1} {v:9s} wall s/step {[round(x, 2) for x in res['wall']]}  "
-                f"CPU s/step {[round(x, 2) for x in res['cpu']]}  peak +{res['peak_mb']:.0f} MB ({res['method']})",
-                flush=True,
-            )
+    results = run_variants(__file__, variants, a.runs, common, step_times, width=9)
 
     rows = {}
     for v, runs in results.items():
         counts = {c for r in runs for c in r["trained"]}
         assert counts == {n_trained}, f"{v}: trained tokens per step {sorted(counts)} != {n_trained}"
-        rows[v] = {k: statistics.median(t for r in runs for t in r[k]) for k in ("wall", "cpu")}
+        rows[v] = pooled_medians(runs, ("wall", "cpu"))
         rows[v]["peak"] = statistics.median(r["peak_mb"] for r in runs)
     wall = time.perf_counter() - t_start
     print(f"\ntrained tokens per step: {n_trained} in every variant (asserted); benchmark wall time {wall:.0f} s")
     head = ("wall s/step", "tok/s (wall)", "CPU s/step", "tok/s (CPU)", "peak MB")
-    print(f"{'variant':9s} " + " ".join(f"{h:>12s}" for h in head))
-    for v, x in rows.items():
-        cells = (f"{x['wall']:.2f}", f"{n_trained / x['wall']:.0f}", f"{x['cpu']:.2f}", f"{n_trained / x['cpu']:.0f}")
-        print(f"{v:9s} " + " ".join(f"{c:>12s}" for c in (*cells, f"{x['peak']:.0f}")))
+    cells = {
+        v: [f"{x['wall']:.2f}", f"{n_trained / x['wall']:.0f}", f"{x['cpu']:.2f}", f"{n_trained / x['cpu']:.0f}"]
+        + [f"{x['peak']:.0f}"]
+        for v, x in rows.items()
+    }
+    print_columns(head, cells, 9, 12)
     if "alignkit" in rows:
         ak = rows["alignkit"]
         for ref, goal_t, goal_m in (
@@ -593,14 +496,9 @@ def main() -> None:
 
     if a.profile:
         args = ["--child", "profile", "--data", a.data, "--steps", str(max(2, a.steps)), "--threads", str(a.threads)]
-        p = _spawn(args)
-        print(f"\nalignkit step profile ({p['tokens']} tokens in one packed row, {p['trained']} trained):")
-        total = p["parts"]["total"]
-        for k, v in p["parts"].items():
-            print(f"  {k:62s} {v:7.3f} s  {100 * v / total:5.1f}%")
-        print("alternatives, same shapes:")
-        for k, v in p["alternatives"].items():
-            print(f"  {k:62s} {v:7.3f} s")
+        p = run_child(__file__, args)
+        title = f"\nalignkit step profile ({p['tokens']} tokens in one packed row, {p['trained']} trained):"
+        print_profile(p, title, "alternatives, same shapes:", 62)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures. `demo_run` trains the embedded demo once per session (the SFT'd tiny model other
-learning tests start from: DPO, GRPO, ...)."""
+learning tests start from: DPO, GRPO, ...). The preference-loop tests share a tiny model config, chat rows and a
+loop-config builder (`preference_rows`, `loop_config`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,31 @@ import json
 from pathlib import Path
 
 import pytest
+
+U = lambda s: {"role": "user", "content": s}  # noqa: E731
+A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
+
+
+def preference_rows(n: int) -> list[dict]:
+    """`n` conversational pairs "a+a": chosen the right sum, rejected a wrong one of varying length."""
+    return [
+        {"prompt": [U(f"{a}+{a}")], "chosen": [A(str(2 * a))], "rejected": [A(str(2 * a + 1) * (1 + a % 3))]}
+        for a in range(n)
+    ]
+
+
+def loop_config(cls: type, tmp_path: Path, name: str, **kw):  # noqa: ANN201
+    """A DPO / KTO config for the tiny-model loop tests: the run under `tmp_path/name`, a shared reference cache."""
+    base = dict(
+        output_dir=str(tmp_path / name),
+        chat_format="chatml",
+        batch_size=8,
+        max_steps=2,
+        lr=1e-2,
+        reference_cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    return cls(**{**base, **kw})
 
 
 @pytest.fixture(scope="session")

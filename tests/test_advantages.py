@@ -1,4 +1,4 @@
-"""Advantage estimators (LOSSES.md §7.1, properties §9 13-16, 32)."""
+"""Advantage estimators (docs/LOSSES.md §7.1, properties §9 13-16, 32)."""
 
 from __future__ import annotations
 

@@ -18,32 +18,19 @@ from alignkit import demo
 from alignkit.checkpoint import latest_checkpoint
 from alignkit.cli import main as cli_main
 from alignkit.data.byte_tokenizer import byte_tokenizer
-from alignkit.loops.common import read_metrics
 from alignkit.loops.dpo import DPOConfig, train_dpo
+from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.templates import get_format
+from tests.conftest import A, loop_config, preference_rows
 
 TOK = byte_tokenizer()
 CONFIG = tiny_llama_config(len(TOK), hidden=16, layers=1, heads=2, kv_heads=2)
-U = lambda s: {"role": "user", "content": s}  # noqa: E731
-A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
-ROWS = [
-    {"prompt": [U(f"{a}+{a}")], "chosen": [A(str(2 * a))], "rejected": [A(str(2 * a + 1) * (1 + a % 3))]}
-    for a in range(16)
-]
+ROWS = preference_rows(16)
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> DPOConfig:
-    base = dict(
-        output_dir=str(tmp_path / name),
-        chat_format="chatml",
-        batch_size=8,
-        max_steps=2,
-        lr=1e-2,
-        reference_cache_dir=str(tmp_path / "cache"),
-        progress=False,
-    )
-    return DPOConfig(**{**base, **kw})
+    return loop_config(DPOConfig, tmp_path, name, **kw)
 
 
 def _run(tmp_path: Path, name: str, **kw):

@@ -9,20 +9,15 @@ import torch
 
 from alignkit.config import build_config
 from alignkit.data.byte_tokenizer import byte_tokenizer
+from alignkit.data.prompts import load_prompts, round_prompts
 from alignkit.data.rows import RowError
-from alignkit.loops._rl_common import (
-    RLConfig,
-    RolloutBatch,
-    completion_mask,
-    load_prompts,
-    micro_loss,
-    round_prompts,
-    step_normalizer,
-)
-from alignkit.loops.common import read_metrics
 from alignkit.loops.grpo import GRPOConfig, train_grpo
+from alignkit.loops.policy_gradient import RLConfig, micro_loss, round_normalizer
 from alignkit.loops.rloo import RLOOConfig, train_rloo
+from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
+from alignkit.rollout.round import RolloutBatch
+from alignkit.scoring import completion_mask
 from alignkit.templates import get_format
 
 
@@ -65,20 +60,20 @@ def test_load_prompts(tok):
         {"prompt": [{"role": "user", "content": "7+1"}], "answer": "8"},
         {"prompt": "plain text prompt", "answer": "x"},
     ]
-    cfg = RLConfig(chat_format="chatml")
-    ps = load_prompts(rows, tok, cfg)
+    kw = dict(chat_format="chatml", max_prompt_length=512)
+    ps = load_prompts(rows, tok, **kw)
     want = get_format("chatml").render([{"role": "user", "content": "2+3"}], add_generation_prompt=True).text
     assert tok.decode(ps[0].ids) == want and want.endswith("<|im_start|>assistant\n")
     assert ps[0].prompt == [{"role": "user", "content": "2+3"}]  # trailing assistant turn dropped
     assert ps[1].prompt == rows[1]["prompt"]
     assert tok.decode(ps[2].ids) == "plain text prompt"  # plain strings are not templated
     assert [p.columns for p in ps] == [{"answer": "5"}, {"answer": "8"}, {"answer": "x"}]
-    short = load_prompts(rows[2:], tok, RLConfig(max_prompt_length=4))
+    short = load_prompts(rows[2:], tok, max_prompt_length=4)
     assert short[0].ids == ps[2].ids[-4:]  # the end of a long prompt is kept
     with pytest.raises(RowError, match="row 1"):
-        load_prompts([rows[0], {"question": "no prompt"}], tok, cfg)
+        load_prompts([rows[0], {"question": "no prompt"}], tok, **kw)
     with pytest.raises(RowError):
-        load_prompts([{"prompt": 5}], tok, cfg)
+        load_prompts([{"prompt": 5}], tok, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,7 +108,7 @@ def test_micro_batch_split_is_exact(tok, agg):
     batch = _random_batch(model, 7, torch.Generator().manual_seed(0))
     cfg = RLConfig(agg=agg, kl_coef=0.1, entropy_coef=0.01, max_new_tokens=8, temperature=0.9)
     rows = list(range(7))
-    D = step_normalizer(batch, rows, cfg)
+    D = round_normalizer(batch, rows, cfg)
     n_tok = float((batch.cmask & batch.keep.unsqueeze(1)).sum())
 
     def grads(micro: int) -> tuple[float, list[torch.Tensor]]:
@@ -137,9 +132,9 @@ def test_step_normalizer_units(tok):
     batch = _random_batch(_tiny(tok), 5, torch.Generator().manual_seed(1))
     rows = [0, 1, 2]
     tokens = sum(len(batch.completion_ids[i]) for i in rows if batch.keep[i])
-    assert step_normalizer(batch, rows, RLConfig(agg="token_mean")) == tokens  # masked (truncated) rows excluded
-    assert step_normalizer(batch, rows, RLConfig(agg="seq_mean_token_mean")) == 3
-    assert step_normalizer(batch, rows, RLConfig(agg="token_sum_constant", max_new_tokens=16)) == 48
+    assert round_normalizer(batch, rows, RLConfig(agg="token_mean")) == tokens  # masked (truncated) rows excluded
+    assert round_normalizer(batch, rows, RLConfig(agg="seq_mean_token_mean")) == 3
+    assert round_normalizer(batch, rows, RLConfig(agg="token_sum_constant", max_new_tokens=16)) == 48
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ import torch
 
 from alignkit import demo
 from alignkit.data.byte_tokenizer import byte_tokenizer
-from alignkit.data.preference import collate_pairs, collate_unpaired, split_pairs, tokenize_pairs, tokenize_unpaired
-from alignkit.loops.common import read_metrics
+from alignkit.data.preference import collate_pairs, collate_unpaired, tokenize_pairs, tokenize_unpaired
 from alignkit.loops.kto import KTOConfig, kl_reference_point, train_kto
+from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
-from alignkit.reference import ModelReference, Scorer, batch_sequence_logps
+from alignkit.ops import split_pairs
+from alignkit.reference import ModelReference
+from alignkit.scoring import SequenceScorer, batch_sequence_logps
+from tests.conftest import loop_config, preference_rows
 from tests.test_dpo_loop import greedy_answers, preference_pairs, weak_demo
 
 
@@ -22,25 +25,11 @@ def weak_start(tmp_path_factory) -> dict:
 
 TOK = byte_tokenizer()
 CONFIG = tiny_llama_config(len(TOK), hidden=16, layers=1, heads=2, kv_heads=2)
-U = lambda s: {"role": "user", "content": s}  # noqa: E731
-A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
-PAIRED = [
-    {"prompt": [U(f"{a}+{a}")], "chosen": [A(str(2 * a))], "rejected": [A(str(2 * a + 1) * (1 + a % 3))]}
-    for a in range(8)
-]
+PAIRED = preference_rows(8)
 
 
 def _cfg(tmp_path, name: str, **kw) -> KTOConfig:
-    base = dict(
-        output_dir=str(tmp_path / name),
-        chat_format="chatml",
-        batch_size=8,
-        max_steps=2,
-        lr=1e-2,
-        reference_cache_dir=str(tmp_path / "cache"),
-        progress=False,
-    )
-    return KTOConfig(**{**base, **kw})
+    return loop_config(KTOConfig, tmp_path, name, **kw)
 
 
 def _run(tmp_path, name: str, rows=PAIRED, **kw):
@@ -80,7 +69,7 @@ def test_reference_point_is_the_clamped_mean_over_mismatched_sequences():
 
     values = []
     for p, r in ((policy, other), (other, policy)):
-        z0 = kl_reference_point(p, micro, cfg, ModelReference(r, Scorer()), TOK.pad_token_id)
+        z0 = kl_reference_point(p, micro, cfg, ModelReference(r, SequenceScorer()), TOK.pad_token_id)
         assert float(z0) == pytest.approx(manual(p, r), abs=1e-4)
         values.append(float(z0))
     assert max(values) > 0.0 and min(values) == 0.0  # one direction is positive, the other clamped

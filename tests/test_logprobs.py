@@ -1,4 +1,4 @@
-"""Tests for alignkit.logprobs (LOSSES.md §2; §9 items 24 and 28).
+"""Tests for alignkit.logprobs (docs/LOSSES.md §2; §9 items 24 and 28).
 
 References are built from full logits (``log_softmax`` + gather) and compared with the row-chunked, the
 vocab-tiled and the model-level paths: values and gradients for hidden, weight and bias.
@@ -11,21 +11,19 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from alignkit.logprobs import (
-    EXTRAS,
-    chunked_token_logps,
+from alignkit.logprobs import EXTRAS, chunked_token_logps, entropy_from_logits, token_logps
+from alignkit.losses.preference import ld_sequence_logps
+from alignkit.ops import (
     count_sequences,
     count_tokens,
-    entropy_from_logits,
     masked_mean,
     masked_sum,
     masked_var,
-    model_token_logps,
     segment_sum,
     sequence_logps,
-    token_logps,
     whiten,
 )
+from alignkit.scoring import model_token_logps
 
 PROPS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4
@@ -549,10 +547,10 @@ def test_segment_sum_and_sequence_logps(xm, n):
     close(sequence_logps(xp, m, "mean"), torch.where(m, x, 0.0).sum(1) / m.sum(1).clamp(min=1))
     # LD weighting: α=1 or a threshold beyond every length is the plain sum; α=0 keeps the first k tokens.
     big = torch.full((x.shape[0],), x.shape[1])
-    close(sequence_logps(xp, m, ld_alpha=1.0, ld_lengths=torch.zeros_like(big)), sequence_logps(xp, m))
-    close(sequence_logps(xp, m, ld_alpha=0.3, ld_lengths=big), sequence_logps(xp, m))
+    close(ld_sequence_logps(xp, m, torch.zeros_like(big), alpha=1.0), sequence_logps(xp, m))
+    close(ld_sequence_logps(xp, m, big, alpha=0.3), sequence_logps(xp, m))
     k = torch.ones_like(big)
     first_only = torch.where(m & (m.long().cumsum(1) <= 1), x, 0.0).sum(1)
-    close(sequence_logps(xp, m, ld_alpha=0.0, ld_lengths=k), first_only)
+    close(ld_sequence_logps(xp, m, k, alpha=0.0), first_only)
     with pytest.raises(ValueError):
         sequence_logps(xp, m, "max")

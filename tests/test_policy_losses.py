@@ -1,4 +1,4 @@
-"""Policy-gradient stages and composite (LOSSES.md §7.2-7.6; properties §9 17-27, 32)."""
+"""Policy-gradient stages and composite (docs/LOSSES.md §7.2-7.6; properties §9 17-27, 32)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignkit.losses.aggregation import _count_sequences, _count_tokens
 from alignkit.losses.policy import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -30,6 +29,7 @@ from alignkit.losses.policy import (
     rollout_is_weights,
     truncation_mask,
 )
+from alignkit.ops import count_sequences, count_tokens
 
 ATOL, RTOL = 1e-5, 1e-4
 PROP = settings(max_examples=30, deadline=None)
@@ -583,8 +583,8 @@ def test_truncated_rows_drop_out(seed, kind, agg):  # §9.27
     trunc = torch.tensor([True, False, False, True, False, False])
     mt = truncation_mask(trunc, m)
     assert torch.equal(truncation_mask(trunc), ~trunc.unsqueeze(-1))
-    assert _count_tokens(mt) == _count_tokens(m[~trunc])
-    assert _count_sequences(mt, exclude_empty=True) == _count_sequences(m[~trunc], exclude_empty=True)
+    assert count_tokens(mt) == count_tokens(m[~trunc])
+    assert count_sequences(mt, exclude_empty=True) == count_sequences(m[~trunc], exclude_empty=True)
     kw = KIND_OPTS.get(kind, {})
     full = policy_loss(logp, old, A, mt, kind=kind, agg=agg, normalizer=3.0, **kw)[0]
     kept = policy_loss(logp[~trunc], old[~trunc], A[~trunc], m[~trunc], kind=kind, agg=agg, normalizer=3.0, **kw)[0]

@@ -15,7 +15,6 @@ from alignkit.data.preference import (
     extract_prompt,
     normalize_preference_row,
     pair_sequences,
-    split_pairs,
     tokenize_pairs,
     tokenize_unpaired,
     unpair_rows,
@@ -23,7 +22,8 @@ from alignkit.data.preference import (
 )
 from alignkit.data.rows import RowError
 from alignkit.models import build_tiny_model, tiny_llama_config
-from alignkit.reference import batch_sequence_logps
+from alignkit.ops import split_pairs
+from alignkit.scoring import batch_sequence_logps
 from alignkit.templates import get_format
 
 TOK = byte_tokenizer()

@@ -1,4 +1,4 @@
-"""Tests for alignkit.losses.preference / unpaired (LOSSES.md §4, §5, §9 items 1-10, 31, 32)."""
+"""Tests for alignkit.losses.preference / unpaired (docs/LOSSES.md §4, §5, §9 items 1-10, 31, 32)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from alignkit.losses.preference import (
     normalize,
     orpo_loss,
     simpo_loss,
-    split_pairs,
     wpo_weights,
 )
 from alignkit.losses.unpaired import (
@@ -34,6 +33,7 @@ from alignkit.losses.unpaired import (
     mismatched_completions,
     update_bco_state,
 )
+from alignkit.ops import split_pairs
 
 PROPS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4

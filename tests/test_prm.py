@@ -189,8 +189,8 @@ def _cfg(tmp_path, **kw):  # noqa: ANN001, ANN003, ANN202
 
 @pytest.mark.slow
 def test_prm_learns_to_find_wrong_steps(tmp_path) -> None:
-    from alignkit.loops.common import read_metrics
     from alignkit.loops.prm import train_prm
+    from alignkit.metrics import read_metrics
 
     # One layer is enough (two heads fetch the digits, the MLP compares) and learns sooner than two; a constant
     # rate because the comparison "clicks" after a seed-dependent number of steps (40-90 over seeds 0-3).
@@ -246,7 +246,7 @@ def test_resume_is_exact_and_heads(tmp_path) -> None:
 
 def test_cli_prm(tmp_path) -> None:
     from alignkit.cli import main
-    from alignkit.loops.common import read_metrics
+    from alignkit.metrics import read_metrics
 
     model_dir = tmp_path / "model"
     _prm().save_pretrained(model_dir)
@@ -281,9 +281,9 @@ def test_prm_config_errors(tmp_path) -> None:
 def test_grpo_with_prm_reward(tmp_path) -> None:
     """A PRM that learned "a step ending in a vowel is right" rewards a tiny policy's one-character completions;
     GRPO (HF backend) raises the PRM reward. The reward GRPO logs is exactly the adapter's output."""
-    from alignkit.loops.common import read_metrics
     from alignkit.loops.grpo import GRPOConfig, train_grpo
     from alignkit.loops.prm import train_prm
+    from alignkit.metrics import read_metrics
     from alignkit.models import build_tiny_model
 
     letters = "abcdefghijklmnopqrstuvwxyz"

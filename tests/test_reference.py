@@ -16,12 +16,11 @@ from alignkit.reference import (
     LoraReference,
     ModelReference,
     PrecomputedReference,
-    Scorer,
     SyncedReference,
-    batch_sequence_logps,
     hash_state_dict,
     soft_update,
 )
+from alignkit.scoring import SequenceScorer, batch_sequence_logps
 
 TOK = byte_tokenizer()
 CONFIG = tiny_llama_config(len(TOK), hidden=16, layers=1, heads=2, kv_heads=2)
@@ -50,7 +49,7 @@ class _Batches:
             yield collate_pairs(self.pairs[i : i + self.size], pad_token_id=TOK.pad_token_id)
 
 
-def _build(model, pairs, cache, scorer=Scorer(), **settings):
+def _build(model, pairs, cache, scorer=SequenceScorer(), **settings):
     batches = _Batches(pairs)
     ref = PrecomputedReference.build(model, pair_sequences(pairs), batches, scorer, cache_dir=cache, settings=settings)
     return ref, batches
@@ -94,7 +93,7 @@ def test_cache_is_reused_and_invalidated_by_model_data_and_settings(tmp_path):
     assert torch.equal(other.table[:10], first.table[:10]) and other.table[11] != first.table[11]
 
     # settings that change log-probs or the data recipe -> recomputation
-    warm, b5 = _build(model, pairs, tmp_path, scorer=Scorer(temperature=2.0), chat_format="chatml")
+    warm, b5 = _build(model, pairs, tmp_path, scorer=SequenceScorer(temperature=2.0), chat_format="chatml")
     assert warm.info["cache_hit"] is False and b5.calls == 1
     named, b6 = _build(model, pairs, tmp_path, chat_format="chatml", max_length=512)
     assert named.info["cache_hit"] is False and b6.calls == 1
@@ -177,7 +176,7 @@ def test_lora_reference_is_the_adapter_off_base_model(tmp_path):
     batch = collate_pairs(_pairs()[:6], pad_token_id=TOK.pad_token_id)
     base = _model()  # built afresh from the seed: the frozen weights LoRA trained on top of
     expected = batch_sequence_logps(base, batch)["sum"].detach()
-    ref = LoraReference(Scorer()).logps(lora, batch)
+    ref = LoraReference(SequenceScorer()).logps(lora, batch)
     torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
     policy = batch_sequence_logps(lora, batch)["sum"].detach()
     assert (policy - expected).abs().max() > 1e-3  # the adapter did train: the comparison is not vacuous
@@ -188,12 +187,12 @@ def test_lora_reference_is_the_adapter_off_base_model(tmp_path):
 def test_model_reference_and_tr_dpo_soft_sync():
     policy, ref_model = _model(0), _model(1)
     batch = collate_pairs(_pairs()[:4], pad_token_id=TOK.pad_token_id)
-    ref = ModelReference(ref_model, Scorer())
+    ref = ModelReference(ref_model, SequenceScorer())
     assert not any(p.requires_grad for p in ref_model.parameters())
     torch.testing.assert_close(ref.logps(policy, batch), batch_sequence_logps(_model(1), batch)["sum"].detach())
 
     before = {k: v.clone() for k, v in ref_model.state_dict().items()}
-    synced = SyncedReference(ref_model, Scorer(), alpha=0.25, sync_steps=3)
+    synced = SyncedReference(ref_model, SequenceScorer(), alpha=0.25, sync_steps=3)
     synced.after_step(policy, 1)
     synced.after_step(policy, 2)
     assert all(torch.equal(before[k], v) for k, v in ref_model.state_dict().items())  # not a sync step
@@ -202,11 +201,11 @@ def test_model_reference_and_tr_dpo_soft_sync():
     for name, p in ref_model.named_parameters():
         torch.testing.assert_close(p, 0.25 * pol[name].detach() + 0.75 * before[name])
     state = synced.state_dict()
-    fresh = SyncedReference(_model(2), Scorer(), alpha=0.25, sync_steps=3)
+    fresh = SyncedReference(_model(2), SequenceScorer(), alpha=0.25, sync_steps=3)
     fresh.load_state_dict(state)
     assert all(torch.equal(v, state["weights"][k]) for k, v in fresh.model.state_dict().items())
     with pytest.raises(ValueError):
-        SyncedReference(_model(), Scorer(), alpha=0.0)
+        SyncedReference(_model(), SequenceScorer(), alpha=0.0)
 
 
 def test_soft_update_alpha_one_copies_the_policy():

@@ -15,8 +15,8 @@ from alignkit.data.byte_tokenizer import byte_tokenizer
 from alignkit.data.collate import pad_collate
 from alignkit.data.rows import RowError
 from alignkit.demo import DemoConfig, make_rows
-from alignkit.loops.common import read_metrics
-from alignkit.loops.reward import RewardConfig, evaluate, tokenize_pairs, train_reward
+from alignkit.loops.reward_model import RewardConfig, evaluate, tokenize_pairs, train_reward
+from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.reward_model import ScalarHeadModel, build_reward_model, last_token_index, load_reward_model, score
 

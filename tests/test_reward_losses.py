@@ -1,4 +1,4 @@
-"""Tests for alignkit.losses.reward (LOSSES.md §6; §9 items 11, 12, 32)."""
+"""Tests for alignkit.losses.reward (docs/LOSSES.md §6; §9 items 11, 12, 32)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alignkit.data.prm import prm_labels
 from alignkit.losses.reward import (
     STEP_AGGREGATIONS,
     aggregate_step_scores,
     bradley_terry_loss,
-    prm_labels,
     prm_loss,
     reward_loss,
 )

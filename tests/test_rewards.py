@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from alignkit.losses.advantages import grpo_advantages
 from alignkit.losses.policy import overlong_penalty
-from alignkit.rewards import (
+from alignkit.reward_funcs import (
     REWARDS,
     RewardSet,
     answers_match,
@@ -416,7 +416,7 @@ def test_failing_reward_is_nan_counted_logged_once_and_training_goes_on(caplog):
 
     rs = RewardSet([const_reward, flaky, async_boom], weights=[1.0, 2.0, 3.0])
     p, c, ids = _batch()
-    with caplog.at_level(logging.WARNING, logger="alignkit.rewards.core"):
+    with caplog.at_level(logging.WARNING, logger="alignkit.reward_funcs.core"):
         R1, m1 = rs(p, c, ids)
         R2, m2 = rs(p, c, ids)
         R3, m3 = rs(p, c, ids)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.logprobs import model_token_logps
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout import Generator, HFGenerator, Rollouts
 from alignkit.rollout.hf import sample_tokens
+from alignkit.scoring import model_token_logps
 
 VOCAB = 48
 PAD = 0

@@ -10,8 +10,8 @@ import torch
 from alignkit.cli import main
 from alignkit.data.byte_tokenizer import byte_tokenizer
 from alignkit.demo import make_rows
-from alignkit.loops.common import read_metrics
 from alignkit.loops.sft import SFTConfig, train_sft
+from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 
 

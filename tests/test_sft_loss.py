@@ -1,4 +1,4 @@
-"""Tests for alignkit.losses.sft (LOSSES.md §3; §9 items 22-style splits, 24, 29, 32) plus a learning check."""
+"""Tests for alignkit.losses.sft (docs/LOSSES.md §3; §9 items 22-style splits, 24, 29, 32) plus a learning check."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignkit.logprobs import chunked_token_logps, count_tokens, model_token_logps, segment_sum
+from alignkit.logprobs import chunked_token_logps
 from alignkit.losses import SFT_KINDS, sft_loss
+from alignkit.ops import count_tokens, segment_sum
+from alignkit.scoring import model_token_logps
 
 PROPS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4

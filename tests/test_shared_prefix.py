@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignkit.logprobs import IGNORE_INDEX, model_token_logps, shared_prefix_token_logps
-from alignkit.loops._rl_common import RLConfig, completion_logps, micro_loss, step_normalizer
+from alignkit.logprobs import IGNORE_INDEX
+from alignkit.loops.policy_gradient import RLConfig, micro_loss, round_normalizer
+from alignkit.scoring import completion_logps, model_token_logps, shared_prefix_token_logps
 from tests.test_grpo_loop import _random_batch
 from tests.test_logprobs import _one_thread, tiny_model  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -137,8 +138,8 @@ def test_completion_logps_shared_equals_padded_across_split_groups():
         for r in rows:
             batch.prompt_ids[r] = list(batch.prompt_ids[rows[0]])
     prompts, comps = batch.prompt_ids, batch.completion_ids
-    on, off = RLConfig(shared_prefix=True), RLConfig(shared_prefix=False)
-    a, b = completion_logps(model, prompts, comps, on), completion_logps(model, prompts, comps, off)
+    a = completion_logps(model, prompts, comps, shared_prefix=True)
+    b = completion_logps(model, prompts, comps, shared_prefix=False)
     assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["mask"], batch.cmask)
     torch.testing.assert_close(a["logps"], b["logps"], atol=2e-5, rtol=1e-4)
 
@@ -146,7 +147,7 @@ def test_completion_logps_shared_equals_padded_across_split_groups():
     losses, grad_sets = [], []
     for flag in (True, False):
         cfg = RLConfig(shared_prefix=flag, kl_coef=0.1, entropy_coef=0.01, max_new_tokens=8, temperature=0.9)
-        D = step_normalizer(batch, rows, cfg)
+        D = round_normalizer(batch, rows, cfg)
         model.zero_grad()
         total = 0.0
         for sl in ([0, 1], [2, 3, 4, 5, 6]):  # splits the first group between micro-batches
@@ -177,11 +178,11 @@ def test_lora_policy_shared_prefix_and_hf_sampling():
         ref = padded_reference(model, p, [c])["logps"][0, : len(c)]
         torch.testing.assert_close(torch.tensor(lp), ref.detach(), atol=1e-4, rtol=0)
     comps = [[11, 12, 13], [14], [15, 16], [17, 18, 19, 20], [21]]
-    a = completion_logps(model, prompts, comps, RLConfig(shared_prefix=True))
-    b = completion_logps(model, prompts, comps, RLConfig(shared_prefix=False))
+    a = completion_logps(model, prompts, comps, shared_prefix=True)
+    b = completion_logps(model, prompts, comps, shared_prefix=False)
     torch.testing.assert_close(a["logps"], b["logps"], atol=2e-5, rtol=1e-4)
     with model.disable_adapter():
-        off = completion_logps(model, prompts, comps, RLConfig())["logps"]
+        off = completion_logps(model, prompts, comps)["logps"]
     assert (off - a["logps"]).abs().max() > 1e-3  # the adapter matters, and switching it off works
     a["logps"].sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}

@@ -1,4 +1,4 @@
-"""Parity of alignkit's preference and reward losses with TRL 1.16 (LOSSES.md §4-6, §10).
+"""Parity of alignkit's preference and reward losses with TRL 1.16 (docs/LOSSES.md §4-6, §10).
 
 TRL computes its losses inside trainer methods. Each test runs TRL's own method on a minimal `self` carrying exactly
 the attributes the trainer's `__init__` would set, with a stand-in model that returns fixed per-token outputs (what
@@ -41,11 +41,11 @@ from alignkit.losses.preference import (  # noqa: E402
     log1mexp,
     orpo_loss,
     simpo_loss,
-    split_pairs,
     wpo_weights,
 )
 from alignkit.losses.reward import bradley_terry_loss  # noqa: E402
 from alignkit.losses.unpaired import kto_loss, kto_reference_point  # noqa: E402
+from alignkit.ops import split_pairs  # noqa: E402
 
 pytestmark = pytest.mark.trl
 

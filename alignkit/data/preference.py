@@ -30,7 +30,7 @@ import torch
 from alignkit.data.collate import pack_best_fit_decreasing, pack_rows, pad_collate
 from alignkit.data.rows import RowError, normalize_row
 from alignkit.data.tokenize import IGNORE_INDEX, encode_samples, resolve_format, tokenizer_switches
-from alignkit.losses.preference import split_pairs
+from alignkit.ops import split_pairs
 
 __all__ = [
     "PreferenceReport",
@@ -281,7 +281,7 @@ def tokenize_unpaired(
 
     With `kl_completions`, each example also gets `kl_input_ids/kl_labels`: its own prompt followed by the
     completion of a partner example with a different prompt (see `_kl_partners`), rendered and tokenized like
-    any row. These mismatched samples estimate KTO's reference point z0 (LOSSES.md §5); a KL sequence left
+    any row. These mismatched samples estimate KTO's reference point z0 (docs/LOSSES.md §5); a KL sequence left
     empty by truncation keeps `kl_labels` all -100 and is left out of z0.
     Returns (examples, report); each example is `{"id", "index", "input_ids", "labels", "desirable", ...}`.
     """

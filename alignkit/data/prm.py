@@ -4,7 +4,7 @@ A stepwise row (TRL's PRM format):
 
     {"prompt": str | [messages], "completions": [step_1, ..., step_K], "labels": [bool | 0/1 | probability, ...]}
 
-Token layout of one example (LOSSES.md §6, TRL placement):
+Token layout of one example (docs/LOSSES.md §6, TRL placement):
 
     [bos] prompt, step_1 + sep, step_2 + sep, ..., step_K + sep
 
@@ -23,10 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.data.rows import RowError, _check_messages
+import torch
+from torch import Tensor
+
+from alignkit.data.rows import RowError, check_messages
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
 from alignkit.logprobs import IGNORE_INDEX
-from alignkit.losses.reward import prm_labels
 
 MATH_SHEPHERD_MARKER = "ки"
 STEP_HEADER = r"Step\s*\d+\s*:"
@@ -34,6 +36,52 @@ STEP_HEADER = r"Step\s*\d+\s*:"
 # --------------------------------------------------------------------------------------------------------------------
 # Solution text <-> steps
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def prm_labels(
+    step_token_counts: Sequence[int],
+    sep_len: int,
+    prompt_len: int,
+    step_labels: Sequence[int | bool],
+    train_on_last_step_only: bool = False,
+    max_len: int | None = None,
+) -> Tensor:
+    """Token labels of one PRM example laid out as `prompt, step_1 + sep, ..., step_K + sep` (TRL placement).
+
+    The label of step k sits on the last token of step k + its separator; every other position, the prompt included,
+    is −100. The logit is read at that same position (no shift). Truncation to `max_len` drops the labels of steps
+    whose separator was cut. For soft labels, call with any 0/1 labels and write q at `labels != -100`.
+
+    Args:
+        step_token_counts: `[K]` token counts of the steps (without separator).
+        sep_len: tokens in the separator appended to each step.
+        prompt_len: tokens before the first step.
+        step_labels: `[K]` 0/1 correctness labels.
+        train_on_last_step_only: keep only the last step's label (training only).
+        max_len: optional truncation length of the whole sequence.
+
+    Returns:
+        `[L]` long tensor, `L = prompt_len + Σ(count + sep_len)`, truncated to `max_len`.
+    """
+    if len(step_token_counts) != len(step_labels):
+        raise ValueError(f"{len(step_token_counts)} steps but {len(step_labels)} labels")
+    if sep_len < 0 or prompt_len < 0 or (max_len is not None and max_len < 0):
+        raise ValueError("sep_len, prompt_len and max_len must be >= 0")
+    if any(c < 0 or c + sep_len < 1 for c in step_token_counts):
+        raise ValueError("every step plus its separator must span at least one token")
+    if any(int(v) not in (0, 1) for v in step_labels):
+        raise ValueError(f"step labels must be 0/1, got {list(step_labels)}")
+    ends = torch.tensor([c + sep_len for c in step_token_counts], dtype=torch.long).cumsum(0) + prompt_len - 1
+    values = torch.tensor([int(v) for v in step_labels], dtype=torch.long)
+    if train_on_last_step_only:
+        ends, values = ends[-1:], values[-1:]
+    length = prompt_len + sum(c + sep_len for c in step_token_counts)
+    if max_len is not None:
+        length = min(length, max_len)
+    labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+    kept = ends < length
+    labels[ends[kept]] = values[kept]
+    return labels
 
 
 def _clean(pieces: Sequence[str]) -> list[str]:
@@ -220,7 +268,7 @@ def normalize_prm_row(row: Mapping[str, Any], index: int | None = None, *, requi
             raise RowError(index, key, "present (stepwise rows are {prompt, completions: [step], labels: [bool]})")
     prompt = row["prompt"]
     if not isinstance(prompt, str):
-        prompt = _check_messages(prompt, index, "prompt", alternate=False)
+        prompt = check_messages(prompt, index, "prompt", alternate=False)
     steps = row["completions"]
     if isinstance(steps, str) or not isinstance(steps, Sequence):
         raise RowError(index, "completions", "a list of step strings (cut a solution with split_steps)", type(steps))

@@ -58,7 +58,7 @@ class Sample:
     tools: list[dict] | None = None
 
 
-def _check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool = True) -> list[dict[str, Any]]:
+def check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool = True) -> list[dict[str, Any]]:
     if not isinstance(msgs, Sequence) or isinstance(msgs, (str, bytes)):
         raise RowError(index, field, "a list of {'role', 'content'} dicts", type(msgs))
     if len(msgs) == 0:
@@ -114,7 +114,7 @@ def _sharegpt(turns: Any, index: int | None) -> list[dict[str, Any]]:
         if role is None:
             raise RowError(index, f"conversations[{j}].from", f"one of {sorted(SHAREGPT_ROLES)}", t["from"])
         msgs.append({"role": role, "content": t["value"]})
-    return _check_messages(msgs, index, "conversations")
+    return check_messages(msgs, index, "conversations")
 
 
 def normalize_row(row: Mapping[str, Any], index: int | None = None, *, alternate: bool = True) -> Sample:
@@ -123,7 +123,7 @@ def normalize_row(row: Mapping[str, Any], index: int | None = None, *, alternate
         raise RowError(index, "<row>", "a dict", type(row))
     tools = row.get("tools")
     if "messages" in row and row["messages"] is not None:
-        return Sample(messages=_check_messages(row["messages"], index, "messages", alternate=alternate), tools=tools)
+        return Sample(messages=check_messages(row["messages"], index, "messages", alternate=alternate), tools=tools)
     if "conversations" in row and row["conversations"] is not None:
         return Sample(messages=_sharegpt(row["conversations"], index), tools=tools)
     if "prompt" in row and "completion" in row:
@@ -132,8 +132,8 @@ def normalize_row(row: Mapping[str, Any], index: int | None = None, *, alternate
             return Sample(prompt=p, text=c)
         if isinstance(p, str) or isinstance(c, str):
             raise RowError(index, "prompt/completion", "both strings or both lists of messages", (type(p), type(c)))
-        pm = _check_messages(p, index, "prompt", alternate=False)
-        cm = _check_messages(c, index, "completion", alternate=False)
+        pm = check_messages(p, index, "prompt", alternate=False)
+        cm = check_messages(c, index, "completion", alternate=False)
         msgs = pm + cm
         _check_alternation(msgs, index, "prompt+completion")
         return Sample(messages=msgs, completion_start=len(pm), tools=tools)

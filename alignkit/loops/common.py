@@ -1,21 +1,23 @@
-"""Pieces every loop shares: optimizer, schedule, batch plan, metrics log, and the set-up / step / end-of-step
-bookkeeping around a loop's own work. Small on purpose.
+"""Pieces every loop shares: model + LoRA set-up, optimizer, schedule, batch plan, and the set-up / step /
+end-of-step bookkeeping around a loop's own work. Small on purpose.
 
 A loop is, top to bottom::
 
-    run = start_run(model, cfg, total_steps, "sft")          # AdamW, schedule, resume, metrics log
-    for step in step_range(run, "sft"):
-        ...forward, loss(normalizer=...), backward per micro-batch...
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
-        end_step(run, {"step": step + 1, ...}, model=model, tokenizer=tokenizer)  # log, checkpoint
+    model, tokenizer = common.load_policy(cfg, model, tokenizer)   # the objects passed in, or cfg.model
+    model = common.maybe_add_lora(model, cfg)
+    run = common.start_run(model, cfg, total_steps, "sft")         # AdamW, schedule, resume, metrics log
+    for step in common.step_range(run, "sft"):
+        ...forward, loss(normalizer=...), backward per micro-batch, StepMetrics.add...
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        common.end_step(run, {"step": step + 1, ...}, model=model, tokenizer=tokenizer)  # log, checkpoint
     run.log.close()
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,87 @@ from typing import Any
 import torch
 
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.metrics import MetricsLog
+from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
+from alignkit.reference import Reference, ReferenceInputs, build_reference
+
+
+def load_policy(
+    cfg: Any, model: torch.nn.Module | None = None, tokenizer: Any = None, *, loader: Callable[..., Any] | None = None,
+    **load_kw: Any,
+) -> tuple[torch.nn.Module, Any]:  # fmt: skip
+    """The model and tokenizer a loop trains: the objects passed in, else ``loader(cfg.model, dtype=cfg.dtype,
+    attn_implementation=cfg.attn_implementation, **load_kw)`` (default :func:`load_model_and_tokenizer`)."""
+    if model is None:
+        if not cfg.model:
+            raise ValueError(f"{type(cfg).__name__}.model is empty: name a model folder or HF id, or pass a model")
+        load = loader or load_model_and_tokenizer
+        model, tokenizer = load(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, **load_kw)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    return model, tokenizer
+
+
+def maybe_add_lora(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """Wrap ``model`` in a LoRA adapter when ``cfg.lora_r > 0`` (a peft model passed in is used as it is)."""
+    if cfg.lora_r > 0 and not is_peft(model):
+        return add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+    return model
+
+
+def data_references(
+    kind: str,
+    cfg: Any,
+    policy: torch.nn.Module,
+    train: list[Any],
+    evals: list[Any],
+    *,
+    scorer: Any,
+    ref_model: torch.nn.Module | None,
+    sequences: Callable[[list[Any]], Sequence[Any]],
+    batches: Callable[[list[Any]], Iterable[Any]],
+    settings: dict[str, Any],
+) -> tuple[Reference, Reference]:
+    """The references of a loop over a fixed dataset (DPO, KTO) for its train and eval examples, from ``cfg``'s
+    ``ReferenceBlock`` keys: ``kind`` by name (``reference.REFERENCES``; only a precomputed one differs between
+    the two), ``cfg.ref_model`` loaded for model / TR-DPO when no model is passed. ``sequences(examples)`` and
+    ``batches(examples)`` give a precomputed table's ids and the batches covering them."""
+    if ref_model is None and cfg.ref_model and kind in ("model", "tr_dpo"):
+        ref_model, _ = load_model_and_tokenizer(
+            cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
+        )
+
+    def build(examples: list[Any]) -> Reference:
+        inputs = ReferenceInputs(
+            scorer=scorer,
+            ref_model=ref_model,
+            sequences=lambda: sequences(examples),
+            batches=lambda: batches(examples),
+            cache_dir=cfg.reference_cache_dir,
+            settings=settings,
+            progress=cfg.progress,
+            tr_dpo_alpha=cfg.tr_dpo_alpha,
+            tr_dpo_sync_steps=cfg.tr_dpo_sync_steps,
+        )
+        return build_reference(kind, policy, inputs)
+
+    reference = build(train)
+    return reference, (build(evals) if evals and kind == "precomputed" else reference)
+
+
+def plan_steps(
+    lengths: Sequence[int], cfg: Any, unit: str = "examples", pack_tokens: int | None = None
+) -> tuple[list[list[list[int]]], int]:
+    """The run's data plan (:func:`plan_batches` with ``cfg.seed, epochs, grad_accum, batch_size``) and the
+    optimizer steps it makes: the plan's length, capped by ``cfg.max_steps``; zero steps is an error."""
+    plan = plan_batches(
+        lengths, seed=cfg.seed, epochs=cfg.epochs, grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
+        pack_tokens=pack_tokens,
+    )  # fmt: skip
+    total = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
+    if total == 0:
+        raise ValueError(f"no full optimizer step: {len(lengths)} {unit}, grad_accum={cfg.grad_accum}")
+    return plan, total
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):  # noqa: ANN201
@@ -117,47 +200,6 @@ def _token_windows(order: list[int], lengths: Sequence[int], budget: int) -> lis
     return windows
 
 
-class MetricsLog:
-    """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once), optionally mirrors
-    scalars to TensorBoard. On resume, lines after the resumed step are dropped so the log stays exact."""
-
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [
-                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self._f = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-
-    def log(self, record: dict[str, Any]) -> None:
-        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        self._f.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # set-up, optimizer step, end of step
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,6 +259,14 @@ def optimizer_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, max_g
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm), lr
+
+
+def step_record(step: int, stats: dict[str, float], lr: float, grad_norm: float, t0: float, **counts: Any) -> dict:
+    """One metrics record: ``step, loss, lr, grad_norm``, the step's folded metrics (``stats``, with ``loss``),
+    the loop's ``counts`` (``num_tokens``, ...) and ``step_time_s`` since ``t0`` (``time.perf_counter()``)."""
+    stats = dict(stats)
+    head = {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm}
+    return {**head, **stats, **counts, "step_time_s": time.perf_counter() - t0}
 
 
 def end_step(

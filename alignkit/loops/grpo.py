@@ -2,7 +2,7 @@
 
 For each prompt, sample G completions, score them, and take ``A = (R − mean_group) / std`` (``scale_rewards``:
 group / batch / none = Dr.GRPO) as every token's advantage in a clipped policy-gradient loss. The recipe knobs
-(loss kind, ratio level, aggregation, KL, rollout IS) are ``pg_loss``'s; the loop is ``_rl_common``'s.
+(loss kind, ratio level, aggregation, KL, rollout IS) are ``pg_loss``'s; the loop is ``loops.policy_gradient``'s.
 
     from alignkit.loops.grpo import GRPOConfig, train_grpo
     train_grpo(GRPOConfig(model="path", dataset="prompts.jsonl", rewards=["math_answer"], output_dir="runs/grpo"))
@@ -10,6 +10,8 @@ group / batch / none = Dr.GRPO) as every token's advantage in a clipped policy-g
 Common recipes: DAPO = ``agg="token_mean", ratio_high=1.28, mask_truncated=True``; Dr.GRPO =
 ``scale_rewards="none", agg="token_sum_constant"``; GSPO = ``ratio_level="sequence"`` with tight bounds
 (e.g. ``ratio_low=1-3e-4, ratio_high=1+4e-4``); CISPO = ``loss="cispo", ratio_high=5.0``.
+
+Composes: the online RL loop of `loops.policy_gradient` with `advantage="grpo"` and TRL 1.16's GRPO defaults.
 """
 
 from __future__ import annotations
@@ -19,33 +21,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from alignkit.loops._rl_common import RLConfig, evaluate_rewards, train_policy_gradient
-from alignkit.losses.advantages import grpo_advantages
+from alignkit.loops.policy_gradient import RLConfig, train_policy_gradient
 from alignkit.rollout import Generator
+from alignkit.rollout.round import evaluate_rewards
 
-__all__ = ["GRPOConfig", "evaluate_rewards", "grpo_round_advantages", "train_grpo"]
+__all__ = ["GRPOConfig", "evaluate_rewards", "train_grpo"]
 
 
 @dataclass
 class GRPOConfig(RLConfig):
     output_dir: str = "runs/grpo"
+    advantage: str = "grpo"  # alignkit.losses.advantages.grpo_advantages (scale_rewards, multi_reward)
     loss: str = "ppo_clip"
     agg: str = "token_mean"  # TRL 1.16 default loss_type "dapo"
     kl_coef: float = 0.0  # TRL beta
-
-
-def grpo_round_advantages(R: Tensor, weights: Tensor | None, cfg: RLConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """``[N,K]`` rewards (groups of ``cfg.group_size`` contiguous) -> ``[N]`` group-relative advantages."""
-    return grpo_advantages(
-        R,
-        group_size=cfg.group_size,
-        scale=cfg.scale_rewards,
-        eps=cfg.advantage_eps,
-        reward_weights=weights,
-        multi_reward=cfg.multi_reward,
-    )
 
 
 def train_grpo(
@@ -62,7 +52,6 @@ def train_grpo(
     name them. Returns ``{"steps", "last": last metrics record, "run_dir"}``."""
     return train_policy_gradient(
         cfg,
-        grpo_round_advantages,
         name="grpo",
         model=model,
         tokenizer=tokenizer,

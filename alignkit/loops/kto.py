@@ -9,22 +9,21 @@ KTO's reference point z0 from the step's mismatched sequences (no grad), then pe
     from alignkit.loops.kto import KTOConfig, train_kto
     train_kto(KTOConfig(model="runs/sft/checkpoint-900", dataset="labels.jsonl", output_dir="runs/kto"))
 
-z0 (LOSSES.md §5): Σ(π′−ρ′)/count over the step's mismatched sequences (all micro-batches), clamped at ≥ 0 and
+z0 (docs/LOSSES.md §5): Σ(π′−ρ′)/count over the step's mismatched sequences (all micro-batches), clamped at ≥ 0 and
 detached; it is recomputed with the current policy every step. Each example's mismatched sequence pairs its prompt
 with the completion of the next example whose prompt differs (fixed when tokenizing, so a precomputed reference
 covers it). BCO's running reward mean is loop state: updated per micro-batch (update-then-use, TRL's order),
 carried across steps and saved in checkpoints.
 
-Config keys beyond the SFT-like ones: loss ("kto" | "apo_zero_unpaired" | "bco"), beta, desirable_weight,
-undesirable_weight, and the reference keys of the DPO loop (reference, reference_cache_dir, ref_model,
-tr_dpo_alpha, tr_dpo_sync_steps).
+Config keys beyond the shared blocks: loss ("kto" | "apo_zero_unpaired" | "bco"), beta, desirable_weight,
+undesirable_weight; the reference keys are `loops.config.ReferenceBlock`'s, as in DPO.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,69 +31,24 @@ import torch
 
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
-from alignkit.loops._preference_common import (
-    StepMetrics,
-    add_lora,
-    check_reference_choice,
-    is_peft,
-    load_policy,
-    make_reference,
-    model_reference,
-    pad_token_id,
-)
-from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
+from alignkit.loops import common
+from alignkit.loops.config import OfflineConfig, ReferenceBlock
 from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
-from alignkit.reference import Scorer, batch_sequence_logps
+from alignkit.metrics import StepMetrics
+from alignkit.models import eval_mode, is_peft, pad_token_id
+from alignkit.reference import resolve_reference_kind
+from alignkit.scoring import SequenceScorer, batch_sequence_logps
 
 
 @dataclass
-class KTOConfig:
-    model: str = ""
-    dataset: str = ""  # rows {prompt, completion, label} or paired {prompt?, chosen, rejected}
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_rows: int | None = 256
+class KTOConfig(OfflineConfig, ReferenceBlock):
     output_dir: str = "runs/kto"
-    chat_format: str | None = None
-    max_length: int = 1024
     truncation: Literal["right", "left"] = "right"
     packing: bool = False
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "linear"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
     loss: Literal["kto", "apo_zero_unpaired", "bco"] = "kto"
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    reference: Literal["precomputed", "lora", "model", "tr_dpo"] = "precomputed"
-    reference_cache_dir: str | None = None
-    ref_model: str | None = None
-    tr_dpo_alpha: float = 0.6
-    tr_dpo_sync_steps: int = 512
-    temperature: float = 1.0
-    dtype: str = "float32"
-    attn_implementation: str | None = "sdpa"
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_last: int = 2
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    token_chunk: int = 2048
-    lora_r: int = 0
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 _WEIGHTS = {
@@ -106,6 +60,7 @@ _WEIGHTS = {
     "n_undesirable": None,
     "kl": "last",
     "delta": "last",
+    "loss": None,
 }
 
 
@@ -161,17 +116,16 @@ def _micro(model, batch, cfg: KTOConfig, reference, z0, bco_state, normalizer: f
 @torch.no_grad()
 def evaluate(model, examples: Sequence[dict], cfg: KTOConfig, reference, bco_state, pad_id: int) -> dict[str, float]:  # noqa: ANN001
     """Loss and side metrics over `examples` (z0 from all of them; BCO state used, not updated); `eval_` keys."""
-    was_training = model.training
-    model.eval()
-    chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
-    z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
-    acc, loss_sum = _step_metrics(), 0.0
-    for mb in chunks:
-        loss, metrics, _ = _micro(model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False)
-        loss_sum += float(loss)
-        acc.add(metrics)
-    model.train(was_training)
-    return {"eval_loss": loss_sum, **{f"eval_{k}": v for k, v in _finish(acc.result()).items()}}
+    with eval_mode(model):
+        chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+        z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
+        acc = _step_metrics()
+        for mb in chunks:
+            loss, metrics, _ = _micro(
+                model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False
+            )
+            acc.add({"loss": loss, **metrics})
+    return {f"eval_{k}": v for k, v in _finish(acc.result()).items()}
 
 
 def train_kto(
@@ -189,14 +143,10 @@ def train_kto(
         raise ValueError(f"loss={cfg.loss!r}; expected kto, apo_zero_unpaired or bco")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
-    if model is None:
-        model, tokenizer = load_policy(cfg)
+    model, tokenizer = common.load_policy(cfg, model, tokenizer)
     pad_id = pad_token_id(tokenizer)
-    kind = check_reference_choice(cfg, False, model)
-    scorer = Scorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
-    prebuilt = model_reference(kind, cfg, model, ref_model, scorer)
-    if cfg.lora_r > 0 and not is_peft(model):
-        model = add_lora(model, cfg)
+    kind = resolve_reference_kind(cfg.reference, lora=cfg.lora_r > 0 or is_peft(model))
+    scorer = SequenceScorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
 
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
     rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
@@ -213,43 +163,29 @@ def train_kto(
         eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
         evals = tokenize_unpaired(tokenizer, eval_rows[: cfg.eval_rows], **tok_kw)[0]
 
-    def reference_for(examples: list[dict[str, Any]]) -> Any:
-        def batches():  # noqa: ANN202
-            for i in range(0, len(examples), cfg.batch_size):
-                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id)
-                if cfg.loss == "kto":
-                    yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
+    # the reference, fixed before any update and before LoRA wraps the policy (see the DPO loop)
+    def batches(examples: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for i in range(0, len(examples), cfg.batch_size):
+            yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id)
+            if cfg.loss == "kto":
+                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
 
-        settings = {"family": "unpaired", **tok_kw}
-        return make_reference(
-            kind,
-            cfg,
-            model,
-            scorer,
-            prebuilt=prebuilt,
-            sequences=lambda: unpaired_sequences(examples),
-            batches=batches,
-            settings=settings,
-        )
-
-    reference = reference_for(train)
-    eval_reference = reference_for(evals) if evals and kind == "precomputed" else reference
+    reference, eval_reference = common.data_references(
+        kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=unpaired_sequences,
+        batches=batches, settings={"family": "unpaired", **tok_kw},
+    )  # fmt: skip
     print(f"[alignkit {cfg.loss}] reference: {reference.info}")
+    model = common.maybe_add_lora(model, cfg)
 
-    plan = plan_batches(
-        [1] * len(train), seed=cfg.seed, epochs=cfg.epochs, grad_accum=cfg.grad_accum, batch_size=cfg.batch_size
-    )
-    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
-    if total_steps == 0:
-        raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
+    plan, total_steps = common.plan_steps([1] * len(train), cfg)
 
-    run = start_run(model, cfg, total_steps, cfg.loss)
+    run = common.start_run(model, cfg, total_steps, cfg.loss)
     reference.load_state_dict(run.state.get("reference", {}))
     bco_state = BCOState.initial()
     if run.state.get("bco_state") is not None:
         bco_state = BCOState(*(torch.as_tensor(v) for v in run.state["bco_state"]))
     model.train()
-    steps = step_range(run, cfg.loss)
+    steps = common.step_range(run, cfg.loss)
 
     def saved_state(step: int) -> dict[str, Any]:  # read at save time: the reference and BCO's running state
         return {"reference": reference.state_dict(), "bco_state": tuple(t.detach().cpu() for t in bco_state)}
@@ -261,26 +197,24 @@ def train_kto(
         n_examples = float(sum(len(mb) for mb in micro))  # the global normaliser: examples in the step
         z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
         acc = _step_metrics()
-        loss_sum = torch.zeros(())
         n_tokens = 0
         for mb in micro:
             batch = _batch(mb, cfg, pad_id)
             loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
             loss.backward()
-            loss_sum += loss.detach().cpu()
-            acc.add(metrics)
+            acc.add({"loss": loss.detach(), **metrics})
             n_tokens += batch["n_tokens"]
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
         done = step + 1
         reference.after_step(model, done)
 
-        record = {"step": done, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm, **_finish(acc.result())}
-        record.update(num_examples=int(n_examples), num_tokens=n_tokens, step_time_s=time.perf_counter() - t0)
+        counts = {"num_examples": int(n_examples), "num_tokens": n_tokens}
+        record = common.step_record(done, _finish(acc.result()), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id))
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
     run.log.close()
     return {
         "steps": total_steps,

@@ -1,8 +1,8 @@
 """Process reward model training, top to bottom.
 
-stepwise rows -> prompt + (step + separator) tokens, label on each separator -> padded micro-batches -> step
-logits at label tokens only -> prm_loss with the step's global count of labelled steps as normaliser -> AdamW
--> metrics.jsonl (+ eval step accuracy and F1 on bad steps) + atomic checkpoints.
+Composes: stepwise rows -> prompt + (step + separator) tokens, a label on each separator (`data.prm`) -> padded
+micro-batches -> step logits at label tokens only (`prm.step_logits`) -> `losses.reward.prm_loss` with the step's
+count of labelled steps as normaliser -> `loops.common` (+ eval step accuracy and F1 on bad steps).
 
     from alignkit.loops.prm import PRMConfig, train_prm
     train_prm(PRMConfig(model="path/or/hf-id", dataset="prm800k.jsonl", output_dir="runs/prm"))
@@ -24,62 +24,37 @@ import torch
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.prm import IGNORE_INDEX, tokenize_prm_rows
-from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
+from alignkit.loops import common
+from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock
 from alignkit.losses.reward import prm_loss
+from alignkit.metrics import StepMetrics
+from alignkit.models import eval_mode, pad_token_id
 from alignkit.prm import step_logits, step_metrics
 
 
 @dataclass
-class PRMConfig:
-    model: str = ""  # HF id or local folder (ignored when a model object is passed to train_prm)
-    dataset: str = ""  # stepwise rows {prompt, completions: [step], labels: [bool | probability]}
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_rows: int | None = 512  # cap on evaluation rows
+class PRMConfig(ModelBlock, DataBlock, EvalBlock, BatchBlock, OptimBlock, RunBlock):
     output_dir: str = "runs/prm"
+    eval_rows: int | None = 512  # cap on evaluation rows
     head: Literal["classification", "scalar", "lm"] = "classification"  # 2-class CE, BCE, or LM logits
     candidate_tokens: list[str] = field(default_factory=lambda: ["-", "+"])  # head="lm": tokens for wrong, right
     step_separator: str = "\n"  # appended to every step; its last token carries the step's label
-    chat_format: str | None = None  # used for conversational prompts; None = detect from the tokenizer
-    max_length: int | None = 1024
     max_prompt_length: int | None = None  # keep the prompt's last tokens
     train_on_last_step_only: bool = False
     soft_labels: bool | None = None  # None: soft when a label is not exactly 0/1
-    batch_size: int = 8
     eval_batch_size: int = 16
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
     lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
     threshold: float = 0.5  # a step is predicted right when its probability exceeds this
-    dtype: str = "float32"
-    attn_implementation: str | None = "sdpa"
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int | None = None
-    save_every: int | None = None  # steps between checkpoints; the final state is always saved
-    keep_last: int = 2
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
 
 
-def _load_model(cfg: PRMConfig):  # noqa: ANN202
+def _auto_class(head: str) -> dict[str, Any]:
+    """How to load the model for a head: a causal LM (head="lm") or a token classifier with 2 / 1 labels."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from alignkit.models import load_model_and_tokenizer
-
-    kw: dict[str, Any] = {"dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.head == "lm":
-        return load_model_and_tokenizer(cfg.model, auto_class=AutoModelForCausalLM, **kw)
-    n = 2 if cfg.head == "classification" else 1
-    return load_model_and_tokenizer(cfg.model, auto_class=AutoModelForTokenClassification, num_labels=n, **kw)
+    if head == "lm":
+        return {"auto_class": AutoModelForCausalLM}
+    return {"auto_class": AutoModelForTokenClassification, "num_labels": 2 if head == "classification" else 1}
 
 
 def candidate_ids(tokenizer: Any, tokens: Sequence[str]) -> tuple[int, int]:
@@ -121,17 +96,15 @@ def evaluate(
     model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: PRMConfig, pad_id: int, cand: Any = None
 ) -> dict[str, float]:
     """Step-mean NLL and step metrics (accuracy, majority baseline, precision/recall/F1 on bad steps)."""
-    was_training = model.training
-    model.eval()
-    nll, probs, targets = 0.0, [], []
-    for i in range(0, len(examples), cfg.eval_batch_size):
-        batch = _batch(list(examples[i : i + cfg.eval_batch_size]), pad_id)
-        loss, _, logits = _micro_loss(model, batch, cand, normalizer=1.0)
-        nll += float(loss)
-        pos = batch["labels"] != IGNORE_INDEX
-        probs.append(logits.float().softmax(-1)[:, 1].cpu())
-        targets.append((batch["soft_labels"] if "soft_labels" in batch else batch["labels"].float())[pos])
-    model.train(was_training)
+    with eval_mode(model):
+        nll, probs, targets = 0.0, [], []
+        for i in range(0, len(examples), cfg.eval_batch_size):
+            batch = _batch(list(examples[i : i + cfg.eval_batch_size]), pad_id)
+            loss, _, logits = _micro_loss(model, batch, cand, normalizer=1.0)
+            nll += float(loss)
+            pos = batch["labels"] != IGNORE_INDEX
+            probs.append(logits.float().softmax(-1)[:, 1].cpu())
+            targets.append((batch["soft_labels"] if "soft_labels" in batch else batch["labels"].float())[pos])
     scores, labels = torch.cat(probs), torch.cat(targets)
     out = step_metrics(scores, labels, cfg.threshold)
     out["loss"] = nll / max(labels.numel(), 1)
@@ -151,9 +124,8 @@ def train_prm(
     with the last logged record and, when there is eval data, the final eval metrics."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
-    if model is None:
-        model, tokenizer = _load_model(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model, tokenizer = common.load_policy(cfg, model, tokenizer, **_auto_class(cfg.head))
+    pad_id = pad_token_id(tokenizer)
     cand = candidate_ids(tokenizer, cfg.candidate_tokens) if cfg.head == "lm" else None
 
     # rows -> tokens + step labels (rows whose every label token was truncated away are dropped and reported)
@@ -174,21 +146,12 @@ def train_prm(
         print(f"[alignkit prm] eval: {ereport}")
 
     # the whole data order, fixed by the seed: resuming means skipping to a step
-    plan = plan_batches(
-        [len(e["input_ids"]) for e in train],
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        batch_size=cfg.batch_size,
-    )
-    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
-    if total_steps == 0:
-        raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
+    plan, total_steps = common.plan_steps([len(e["input_ids"]) for e in train], cfg)
 
-    run = start_run(model, cfg, total_steps, "prm")
+    run = common.start_run(model, cfg, total_steps, "prm")
 
     model.train()
-    steps = step_range(run, "prm")
+    steps = common.step_range(run, "prm")
     record: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
     for step in steps:
@@ -197,31 +160,24 @@ def train_prm(
         # The normaliser is the step's total count of labelled steps, so summing micro-batch losses gives exactly
         # the full-batch step-mean gradient whatever the split.
         n_steps = sum(e["num_steps"] for mb in micro for e in mb)
-        loss_sum, n_correct = torch.zeros(()), torch.zeros(())
+        acc = StepMetrics({"loss": None, "n_steps": None}, "n_steps")
         for mb in micro:
             loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
             loss.backward()
-            loss_sum += loss.detach().cpu()
-            n_correct += (metrics["accuracy"] * metrics["n_steps"]).cpu()
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+            acc.add({"loss": loss.detach(), **metrics})
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
-        record = {
-            "step": done,
-            "loss": float(loss_sum),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_accuracy": float(n_correct) / max(n_steps, 1),
-            "num_steps": n_steps,
-            "num_tokens": sum(len(e["input_ids"]) for mb in micro for e in mb),
-            "step_time_s": time.perf_counter() - t0,
-        }
+        stats = acc.result()
+        stats = {"loss": stats["loss"], "step_accuracy": stats.get("accuracy", 0.0)}
+        n_tokens = sum(len(e["input_ids"]) for mb in micro for e in mb)
+        record = common.step_record(done, stats, lr, grad_norm, t0, num_steps=n_steps, num_tokens=n_tokens)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             eval_metrics = evaluate(model, evals, cfg, pad_id, cand)
             record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['step_accuracy']:.3f}")
-        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
     run.log.close()
     if evals and not eval_metrics:
         eval_metrics = evaluate(model, evals, cfg, pad_id, cand)

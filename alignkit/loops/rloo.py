@@ -6,25 +6,22 @@ sequence-level clipped ratio (product of token ratios), one loss per sequence av
 
     from alignkit.loops.rloo import RLOOConfig, train_rloo
     train_rloo(RLOOConfig(model="path", dataset="prompts.jsonl", rewards=["math_answer"], output_dir="runs/rloo"))
+
+Composes: the online RL loop of `loops.policy_gradient` with `advantage="rloo"` and TRL's RLOO defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-from torch import Tensor
-
-from alignkit.loops._rl_common import RLConfig, train_policy_gradient
-from alignkit.losses.advantages import rloo_advantages
-from alignkit.rollout import Generator
+from alignkit.loops.policy_gradient import RLConfig, train_policy_gradient
 
 
 @dataclass
 class RLOOConfig(RLConfig):
     output_dir: str = "runs/rloo"
+    advantage: str = "rloo"  # alignkit.losses.advantages.rloo_advantages (normalize_advantages)
     loss: str = "ppo_clip"
     ratio_level: str = "sequence_sum"  # TRL RLOO: exp(Σ_t log ρ_t)
     agg: str = "seq_mean_token_mean"  # the (constant-over-tokens) sequence loss, averaged over sequences
@@ -33,36 +30,7 @@ class RLOOConfig(RLConfig):
     kl_placement: Literal["loss", "reward"] = "reward"
 
 
-def rloo_round_advantages(R: Tensor, weights: Tensor | None, cfg: RLConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """``[N,K]`` rewards (groups of ``cfg.group_size`` contiguous) -> ``[N]`` leave-one-out advantages."""
-    return rloo_advantages(
-        R,
-        group_size=cfg.group_size,
-        normalize=cfg.normalize_advantages,
-        eps=cfg.advantage_eps,
-        reward_weights=weights,
-    )
-
-
-def train_rloo(
-    cfg: RLOOConfig,
-    *,
-    model: torch.nn.Module | None = None,
-    tokenizer: Any = None,
-    train_data: Any = None,
-    reward_funcs: Sequence[Callable[..., list] | str] = (),
-    generator: Generator | None = None,
-    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
-) -> dict[str, Any]:
-    """Run RLOO; same arguments and return value as ``train_grpo``."""
-    return train_policy_gradient(
-        cfg,
-        rloo_round_advantages,
-        name="rloo",
-        model=model,
-        tokenizer=tokenizer,
-        train_data=train_data,
-        reward_funcs=reward_funcs,
-        generator=generator,
-        callbacks=callbacks,
-    )
+def train_rloo(cfg: RLOOConfig, **objects: Any) -> dict[str, Any]:
+    """Run RLOO; the same keyword arguments (``model, tokenizer, train_data, reward_funcs, generator,
+    callbacks``) and return value as ``train_grpo``."""
+    return train_policy_gradient(cfg, name="rloo", **objects)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning, top to bottom.
 
-rows -> chat format -> tokens + labels -> (packed) micro-batches -> chunked log-probs of trained tokens
--> sft_loss with the step's global token count as normaliser -> AdamW -> metrics.jsonl + atomic checkpoints.
+Composes: rows (`data.loading`) -> chat format + labels (`data.tokenize`) -> padded or packed micro-batches
+(`data.collate`) -> per-token log-probs (`scoring.model_token_logps`) -> `losses.sft.sft_loss` with the step's
+trained-token count as normaliser -> the shared step bookkeeping (`loops.common`) -> metrics + checkpoints.
 
     from alignkit.loops.sft import SFTConfig, train_sft
     train_sft(SFTConfig(model="path/or/hf-id", dataset="data.jsonl", output_dir="runs/sft"))
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,55 +21,29 @@ import torch
 from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.tokenize import tokenize_dataset
-from alignkit.logprobs import model_token_logps
-from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
+from alignkit.logprobs import IGNORE_INDEX
+from alignkit.loops import common
+from alignkit.loops.config import OfflineConfig
 from alignkit.losses.sft import sft_loss
+from alignkit.metrics import StepMetrics
+from alignkit.models import eval_mode, pad_token_id
+from alignkit.scoring import model_token_logps
 
 
 @dataclass
-class SFTConfig:
-    model: str = ""  # HF id or local folder (ignored when a model object is passed to train_sft)
-    dataset: str = ""  # hub id, .json/.jsonl/.parquet file or folder
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_rows: int | None = 256  # cap on evaluation rows
+class SFTConfig(OfflineConfig):
     output_dir: str = "runs/sft"
-    chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
-    train_on: Literal["assistant", "last", "completion", "all"] = "assistant"
     max_length: int = 2048
+    train_on: Literal["assistant", "last", "completion", "all"] = "assistant"
     truncation: Literal["right", "left"] = "right"
     packing: bool = True  # padding-free: each micro-batch is one row of concatenated documents
-    batch_size: int = 8  # sequences per micro-batch without packing
     pack_tokens: int | None = None  # tokens per packed micro-batch (default batch_size * max_length)
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
     lr: float = 2e-5
-    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
     loss: Literal["nll", "dft"] = "nll"
     label_smoothing: float = 0.0
-    dtype: str = "float32"
-    attn_implementation: str | None = "sdpa"
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int | None = None
-    save_every: int | None = None  # steps between checkpoints; the final state is always saved
-    keep_last: int = 2
-    resume: bool = False  # continue from RUN_DIR/latest if present
-    tensorboard: bool = False
-    progress: bool = True
-    token_chunk: int = 2048  # tokens per tile of the chunked LM-head log-prob computation
-    lora_r: int = 0  # > 0 trains a LoRA adapter through peft
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
@@ -104,32 +79,15 @@ def _micro_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: SFT
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> float:
     """Token-mean NLL over `examples`."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
-        chunk = list(examples[i : i + cfg.batch_size])
-        tokens = sum(sum(1 for x in e["labels"] if x != -100) for e in chunk)
-        loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id), cfg, normalizer=1.0)
-        total += float(loss)
-        n += tokens
-    model.train(was_training)
+    with eval_mode(model):
+        total, n = 0.0, 0
+        for i in range(0, len(examples), cfg.batch_size):
+            chunk = list(examples[i : i + cfg.batch_size])
+            tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in chunk)
+            loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id), cfg, normalizer=1.0)
+            total += float(loss)
+            n += tokens
     return total / max(n, 1)
-
-
-def _load_model(cfg: SFTConfig):  # noqa: ANN202
-    from alignkit.models import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-
-
-def _add_lora(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lc = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets
-    )
-    return get_peft_model(model, lc)
 
 
 def train_sft(
@@ -144,11 +102,9 @@ def train_sft(
     """Run SFT. Pass `model`/`tokenizer`/`train_data` objects, or let `cfg` name them. Returns a summary."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
-    if model is None:
-        model, tokenizer = _load_model(cfg)
-    if cfg.lora_r > 0:
-        model = _add_lora(model, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    model = common.maybe_add_lora(model, cfg)
+    pad_id = pad_token_id(tokenizer)
 
     # rows -> tokens + labels (rows with nothing to train on are dropped and reported)
     tok_kw = dict(chat_format=cfg.chat_format, train_on=cfg.train_on, max_length=cfg.max_length)
@@ -163,50 +119,33 @@ def train_sft(
 
     # the whole data order, fixed by the seed: resuming means skipping to a step
     pack_tokens = (cfg.pack_tokens or cfg.batch_size * cfg.max_length) if cfg.packing else None
-    plan = plan_batches(
-        [len(e["input_ids"]) for e in train],
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        batch_size=cfg.batch_size,
-        pack_tokens=pack_tokens,
-    )
-    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
-    if total_steps == 0:
-        raise ValueError(f"no full optimizer step: {len(train)} examples, grad_accum={cfg.grad_accum}")
+    plan, total_steps = common.plan_steps([len(e["input_ids"]) for e in train], cfg, pack_tokens=pack_tokens)
 
-    run = start_run(model, cfg, total_steps, "sft", betas=(cfg.adam_beta1, cfg.adam_beta2))
+    run = common.start_run(model, cfg, total_steps, "sft", betas=(cfg.adam_beta1, cfg.adam_beta2))
     model.train()
-    steps = step_range(run, "sft")
+    steps = common.step_range(run, "sft")
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
         micro = [[train[i] for i in mb] for mb in plan[step]]
         # The normaliser is the step's total count of trained tokens, so summing micro-batch losses gives
         # exactly the full-batch token-mean gradient whatever the split.
-        n_trained = sum(sum(1 for x in e["labels"] if x != -100) for mb in micro for e in mb)
+        n_trained = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for mb in micro for e in mb)
         n_tokens = sum(len(e["input_ids"]) for mb in micro for e in mb)
-        loss_sum = torch.zeros(())
+        acc = StepMetrics()
         for mb in micro:
             loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
             loss.backward()
-            loss_sum += loss.detach()
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+            acc.add({"loss": loss.detach()})
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
-        record = {
-            "step": done,
-            "loss": float(loss_sum),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "num_tokens": n_tokens,
-            "num_trained_tokens": n_trained,
-            "step_time_s": time.perf_counter() - t0,
-        }
+        counts = {"num_tokens": n_tokens, "num_trained_tokens": n_trained}
+        record = common.step_record(done, acc.result(), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record["eval_loss"] = evaluate(model, evals, cfg, pad_id)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
     run.log.close()
     return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "report": str(report)}

@@ -1,4 +1,4 @@
-"""alignkit loss functions: pure functions of tensors returning ``(loss, metrics)`` (see LOSSES.md).
+"""alignkit loss functions: pure functions of tensors returning ``(loss, metrics)`` (see docs/LOSSES.md).
 
     sft          masked NLL, DFT, label smoothing                         (unit: token)
     preference   dpo_loss (15 types, f-divergences, MPO, WPO, LD-DPO), simpo_loss, cpo_loss, orpo_loss  (pair)

@@ -1,4 +1,4 @@
-"""Advantage estimators (LOSSES.md §7.1): GRPO, RLOO, REINFORCE++ and its group baseline.
+"""Advantage estimators (docs/LOSSES.md §7.1): GRPO, RLOO, REINFORCE++ and its group baseline.
 
 All run under ``no_grad`` and return ``(advantages, metrics)``. Rewards are ``[N]`` or ``[N,K]`` (K reward
 functions); NaN (or ``None`` in a Python list) means "this reward does not apply". A row where every reward is
@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .aggregation import _bool, _count_tokens, _masked_mean, _whiten
+from alignkit.ops import as_bool, count_tokens, masked_mean, whiten
 
 __all__ = [
     "ADVANTAGES",
@@ -92,10 +92,10 @@ def _reward_metrics(R: Tensor, scorable: Tensor, gid: Tensor, n_groups: int) -> 
     present = cnt[:, 0] > 0
     _, batch_std, _, _ = _group_stats(R.unsqueeze(1), torch.zeros_like(gid), 1, True)
     return {
-        "reward_mean": _masked_mean(torch.nan_to_num(R), scorable),
+        "reward_mean": masked_mean(torch.nan_to_num(R), scorable),
         "reward_std": batch_std[0, 0],
         # groups (with any scorable row) that carry no learning signal: σ=0 or a single scorable member
-        "frac_zero_std": _masked_mean(flat[:, 0].to(R.dtype), present),
+        "frac_zero_std": masked_mean(flat[:, 0].to(R.dtype), present),
         "n_unscorable": (~scorable).sum().to(R.dtype),
     }
 
@@ -200,15 +200,15 @@ def reinforce_pp_advantages(
     Returns:
         ``A [B,T]`` (0 where masked) and metrics ``return_mean, n_tokens``.
     """
-    mb = _bool(m)
+    mb = as_bool(m)
     r = torch.where(mb, _as_rewards(token_rewards), 0.0)
     G = torch.zeros_like(r)
     running = r.new_zeros(r.shape[0])
     for t in range(r.shape[1] - 1, -1, -1):
         running = torch.where(mb[:, t], r[:, t] + gamma * running, 0.0)
         G[:, t] = running
-    A = _whiten(G, mb, stats=stats)
-    return A, {"return_mean": _masked_mean(G, mb), "n_tokens": _count_tokens(mb)}
+    A = whiten(G, mb, stats=stats)
+    return A, {"return_mean": masked_mean(G, mb), "n_tokens": count_tokens(mb).float()}
 
 
 @torch.no_grad()
@@ -231,10 +231,10 @@ def reinforce_pp_baseline_advantages(
     mean, _, cnt, _ = _group_stats(Rsum.unsqueeze(1), gid, n_groups, True)
     mu = torch.where(cnt[gid, 0] > 1, mean[gid, 0], 0.0)
     score = torch.nan_to_num(Rsum - mu).unsqueeze(1).expand(-1, m.shape[1])
-    mm = _bool(m) & scorable.unsqueeze(1)
-    A = _whiten(score, mm, stats=stats)
+    mm = as_bool(m) & scorable.unsqueeze(1)
+    A = whiten(score, mm, stats=stats)
     metrics = _reward_metrics(Rsum, scorable, gid, n_groups)
-    metrics["n_tokens"] = _count_tokens(mm)
+    metrics["n_tokens"] = count_tokens(mm).float()
     return A, metrics
 
 

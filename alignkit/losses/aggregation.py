@@ -1,102 +1,87 @@
-"""Aggregation of per-token policy losses and the masked ops they need (LOSSES.md §1, §2, §7.5).
+"""Aggregation of per-token policy losses, each mode with the normaliser it needs (docs/LOSSES.md §1, §7.5).
 
 Every mode returns ``Σ(unit terms) / normalizer``. For a fixed normaliser the value is linear in ``L``, so
 summing the losses of K micro-batches (each divided by the same global D) reproduces the full-batch loss and
-gradient exactly; ``"local"`` is the convenience (and inexact) per-call count.
-
-The ``_masked_*`` helpers wrap ``alignkit.logprobs``' masked ops with an fp32 upcast of half precisions and
-float counts (``torch.where`` inside, so NaN/inf in masked slots reach neither the value nor the gradient).
+gradient exactly; ``"local"`` is the convenience (and inexact) per-call count. Each registered
+:class:`Aggregation` also owns its step normaliser: :func:`step_normalizer` gives the D of an optimizer step
+from the mask of ALL its rows (sum it over ranks under data parallelism).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from alignkit.logprobs import count_sequences, count_tokens, masked_mean, masked_sum, whiten
 from alignkit.losses.normalizer import Normalizer, normalize
+from alignkit.ops import count_sequences, count_tokens, masked_mean, masked_sum
 
-__all__ = ["AGGREGATIONS", "Normalizer", "aggregate"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# masked ops: fp32 wrappers over alignkit.logprobs
-# ---------------------------------------------------------------------------------------------------------------
+__all__ = ["AGGREGATIONS", "Aggregation", "Normalizer", "aggregate", "step_normalizer"]
 
 
-def _fp(x: Tensor) -> Tensor:
-    """Upcast half precisions to fp32; keep fp32/fp64 as they are (fp64 only ever comes from tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
+@dataclass(frozen=True)
+class Aggregation:
+    """One aggregation mode.
 
+    ``terms(L [B,T], m [B,T]) -> (Σ unit terms, local unit count for normalizer="local", or None if none)``;
+    ``step_normalizer(m [N,T] of the whole step, max_new_tokens) -> D`` (the unit count, at least 1).
+    """
 
-def _bool(m: Tensor) -> Tensor:
-    return m if m.dtype == torch.bool else m != 0
-
-
-def _masked_sum(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
-    return masked_sum(_fp(x), _bool(m), dim)
-
-
-def _masked_mean(x: Tensor, m: Tensor, dim: int | None = None) -> Tensor:
-    return masked_mean(_fp(x), _bool(m), dim)
-
-
-def _whiten(
-    x: Tensor,
-    m: Tensor,
-    *,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    stats: tuple[Tensor | float, Tensor | float] | None = None,
-) -> Tensor:
-    """`alignkit.logprobs.whiten` in fp32 (half precisions upcast); `stats=(μ, var)` injects global values."""
-    x = _fp(x)
-    if stats is not None:
-        stats = tuple(torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in stats)
-    return whiten(x, _bool(m), shift_mean=shift_mean, eps=eps, stats=stats)
-
-
-def _count_tokens(m: Tensor) -> Tensor:
-    """Number of unmasked slots (0-dim fp32)."""
-    return count_tokens(_bool(m)).float()
-
-
-def _count_sequences(m: Tensor, exclude_empty: bool = False) -> Tensor:
-    """Number of rows of ``m [B,T]``; with ``exclude_empty`` only rows with at least one unmasked slot."""
-    return count_sequences(_bool(m), exclude_empty=exclude_empty).float()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# aggregation
-# ---------------------------------------------------------------------------------------------------------------
+    terms: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+    step_normalizer: Callable[[Tensor, int], float]
 
 
 def _token_terms(L: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    return _masked_sum(L, m), _count_tokens(m).clamp(min=1.0)
+    return masked_sum(L, m), count_tokens(m).float().clamp(min=1.0)
 
 
 def _seq_mean_token_mean(L: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    return _masked_mean(L, m, dim=-1).sum(), _count_sequences(m).clamp(min=1.0)
+    return masked_mean(L, m, dim=-1).sum(), count_sequences(m).float().clamp(min=1.0)
 
 
 def _seq_mean_token_sum(L: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    return _masked_sum(L, m), _count_sequences(m).clamp(min=1.0)
+    return masked_sum(L, m), count_sequences(m).float().clamp(min=1.0)
 
 
 def _token_sum_constant(L: Tensor, m: Tensor) -> tuple[Tensor, None]:
     # A constant D is the whole point of this mode (Dr.GRPO), so there is no local count to fall back on.
-    return _masked_sum(L, m), None
+    return masked_sum(L, m), None
 
 
-#: mode -> fn(L [B,T], m [B,T]) -> (Σ unit terms, local unit count for normalizer="local", or None if none).
-AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]] = {
-    "token_mean": _token_terms,
-    "seq_mean_token_mean": _seq_mean_token_mean,
-    "seq_mean_token_sum": _seq_mean_token_sum,
-    "token_sum_constant": _token_sum_constant,
+def _tokens(m: Tensor, max_new_tokens: int) -> float:
+    return float(max(int(count_tokens(m)), 1))
+
+
+def _sequences(m: Tensor, max_new_tokens: int) -> float:
+    return float(m.shape[0])  # every row counts, empty (masked) ones too (TRL)
+
+
+def _sequences_times_max_len(m: Tensor, max_new_tokens: int) -> float:
+    return float(m.shape[0] * max_new_tokens)  # Dr.GRPO: n_seqs · L_max
+
+
+#: mode -> :class:`Aggregation` (its per-call terms and its step normaliser).
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token_mean": Aggregation(_token_terms, _tokens),
+    "seq_mean_token_mean": Aggregation(_seq_mean_token_mean, _sequences),
+    "seq_mean_token_sum": Aggregation(_seq_mean_token_sum, _sequences),
+    "token_sum_constant": Aggregation(_token_sum_constant, _sequences_times_max_len),
 }
+
+
+def _mode(mode: str) -> Aggregation:
+    try:
+        return AGGREGATIONS[mode]
+    except KeyError:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose from {sorted(AGGREGATIONS)}") from None
+
+
+def step_normalizer(mode: str, mask: Tensor, max_new_tokens: int = 0) -> float:
+    """The normaliser D of ``mode`` for one optimizer step: ``mask`` ``[N,T]`` covers ALL the step's rows (every
+    micro-batch; rows that must not count, e.g. masked truncations, all False). Divide by the world size W
+    for averaging data-parallel backends after summing the counts over ranks."""
+    return _mode(mode).step_normalizer(mask, max_new_tokens)
 
 
 def aggregate(L: Tensor, m: Tensor, *, mode: str, normalizer: Normalizer) -> Tensor:
@@ -113,10 +98,7 @@ def aggregate(L: Tensor, m: Tensor, *, mode: str, normalizer: Normalizer) -> Ten
     Returns:
         0-dim loss, ``Σ(unit terms) / D``.
     """
-    try:
-        fn = AGGREGATIONS[mode]
-    except KeyError:
-        raise ValueError(f"unknown aggregation mode {mode!r}; choose from {sorted(AGGREGATIONS)}") from None
+    fn = _mode(mode).terms
     if L.shape != m.shape:
         raise ValueError(f"L {tuple(L.shape)} and m {tuple(m.shape)} must have the same [B,T] shape")
     total, local = fn(L, m)

@@ -1,4 +1,4 @@
-"""The explicit normaliser every loss takes (LOSSES.md §1): `Σ(unit terms) / normalizer`.
+"""The explicit normaliser every loss takes (docs/LOSSES.md §1): `Σ(unit terms) / normalizer`.
 
 Pass the count of the loss's unit (token, sequence, pair, example) over all micro-batches of the optimizer
 step, divided by the world size when the data-parallel backend averages gradients; sum the micro-batch losses.

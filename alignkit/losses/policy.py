@@ -1,4 +1,4 @@
-"""Policy-gradient losses (LOSSES.md §7): KL estimators, ratios, per-token terms, rollout IS, masks, ``pg_loss``.
+"""Policy-gradient losses (docs/LOSSES.md §7): KL estimators, ratios, per-token terms, rollout IS, masks, ``pg_loss``.
 
 Every stage is a free function; variants are found by name in ``KL_ESTIMATORS``, ``POLICY_LOSSES`` and (from
 ``aggregation``) ``AGGREGATIONS``; advantage estimators live in ``advantages`` (``ADVANTAGES``) and are
@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from alignkit.ops import as_bool, as_float, count_sequences, count_tokens, masked_mean
+
 from .advantages import (
     ADVANTAGES,
     grpo_advantages,
@@ -26,7 +28,7 @@ from .advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from .aggregation import AGGREGATIONS, Normalizer, _bool, _count_sequences, _count_tokens, _fp, _masked_mean, aggregate
+from .aggregation import AGGREGATIONS, Normalizer, aggregate
 
 __all__ = [
     "ADVANTAGES",
@@ -70,7 +72,7 @@ def ratio_bounds_from_eps(lo: float, hi: float | None = None) -> tuple[float, fl
 
 def _keep(x: Tensor, mb: Tensor) -> Tensor:
     """``x`` where ``mb``, else 0 (a where, so masked NaN/inf cannot leak into values or grads)."""
-    x = _fp(x)
+    x = as_float(x)
     return torch.where(mb, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -80,7 +82,7 @@ def _per_token(A: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _frac(cond: Tensor, mb: Tensor) -> Tensor:
-    return _masked_mean(cond.float(), mb)
+    return masked_mean(cond.float(), mb)
 
 
 def _detached(metrics: Metrics) -> Metrics:
@@ -119,7 +121,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, *, kind: str = "k3", straight_th
     """
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; choose from {sorted(KL_ESTIMATORS)}")
-    d = _fp(logp) - _fp(ref_logp)
+    d = as_float(logp) - as_float(ref_logp)
     k = KL_ESTIMATORS[kind](d)
     if straight_through:
         k2 = 0.5 * d * d
@@ -144,10 +146,10 @@ def kl_penalized_rewards(
     token rewards ``[B,T]`` = ``−kl_coef·k_t`` with ``R`` added on each row's last unmasked slot (dropped for
     empty rows). β is not comparable across placements.
     """
-    mb = _bool(m)
+    mb = as_bool(m)
     k = _keep(kl_estimate(_keep(old_logp, mb), _keep(ref_logp, mb), kind=kind), mb)
-    metrics = {"kl": _masked_mean(k, mb), "kl_seq_sum_mean": k.sum(-1).mean()}
-    R = _fp(R)
+    metrics = {"kl": masked_mean(k, mb), "kl_seq_sum_mean": k.sum(-1).mean()}
+    R = as_float(R)
     if placement == "sequence_sum":
         return R - kl_coef * k.sum(-1), metrics
     if placement != "per_token":
@@ -165,7 +167,7 @@ def kl_penalized_rewards(
 #: level -> fn(token log-ratio [B,T] (0 where masked), mask) -> log-ratio broadcastable to [B,T].
 RATIO_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "token": lambda lr, mb: lr,
-    "sequence": lambda lr, mb: _masked_mean(lr, mb, dim=-1).unsqueeze(-1),  # GSPO, grad through the mean
+    "sequence": lambda lr, mb: masked_mean(lr, mb, dim=-1).unsqueeze(-1),  # GSPO, grad through the mean
     "sequence_sum": lambda lr, mb: lr.sum(-1, keepdim=True),  # TRL RLOO: product of token ratios
 }
 
@@ -185,7 +187,7 @@ def ratios(
     """
     if level not in RATIO_LEVELS:
         raise ValueError(f"unknown ratio level {level!r}; choose from {sorted(RATIO_LEVELS)}")
-    mb = _bool(m)
+    mb = as_bool(m)
     logp = _keep(logp, mb)
     old = logp.detach() if old_logp is None else _keep(old_logp, mb)
     log_ratio = logp - old
@@ -291,7 +293,7 @@ def gmpo_term(
     lo = math.log(math.exp(-0.4) if ratio_low is None else ratio_low)
     hi = math.log(math.exp(0.4) if ratio_high is None else ratio_high)
     clipped = torch.where(A > 0, log_ratio.clamp(max=hi), torch.where(A < 0, log_ratio.clamp(min=lo), log_ratio))
-    seq = torch.exp(_masked_mean(clipped, m, dim=-1)) * _masked_mean(A, m, dim=-1)
+    seq = torch.exp(masked_mean(clipped, m, dim=-1)) * masked_mean(A, m, dim=-1)
     return (-seq).unsqueeze(-1).expand(m.shape), _clip_metrics(log_ratio, A, m, lo, hi)
 
 
@@ -325,14 +327,14 @@ def vespo_term(
     floor = math.log(1e-8)
     seq = torch.where(m, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True)
     if vespo_is_weights is not None:
-        log_is = torch.log(_fp(vespo_is_weights).expand(m.shape)).clamp(floor, 20.0)
+        log_is = torch.log(as_float(vespo_is_weights).expand(m.shape)).clamp(floor, 20.0)
         seq = seq + torch.where(m, log_is, 0.0).sum(-1, keepdim=True)
     log_w = seq.detach().clamp(floor, 20.0)
     pos = A >= 0
     k = torch.where(pos, vespo_k_pos, vespo_k_neg).to(log_w.dtype)
     lam = torch.where(pos, vespo_lambda_pos, vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    return -phi * A * logp, {"vespo/phi_mean": _masked_mean(phi, m)}
+    return -phi * A * logp, {"vespo/phi_mean": masked_mean(phi, m)}
 
 
 #: kind -> per-token term ``fn(logp, ratio, log_ratio, A, m, **options) -> (L [B,T], metrics)``.
@@ -354,8 +356,8 @@ def _terms(
     if options.get("dual_clip") is not None and kind != "ppo_clip":
         raise ValueError("dual_clip only applies to kind='ppo_clip'")
     L, metrics = POLICY_LOSSES[kind](logp, ratio, log_ratio, A, mb, **options)
-    metrics["approx_kl"] = _masked_mean(_k3(log_ratio), mb)  # k3 of log(π/π_old), ≥ 0
-    metrics["ratio_mean"] = _masked_mean(ratio, mb)
+    metrics["approx_kl"] = masked_mean(_k3(log_ratio), mb)  # k3 of log(π/π_old), ≥ 0
+    metrics["ratio_mean"] = masked_mean(ratio, mb)
     return L, metrics
 
 
@@ -374,7 +376,7 @@ def policy_token_loss(
 
     ``A`` is ``[B]`` (sequence) or ``[B,T]`` (token); ``options`` are the kind's keywords (``ratio_low``, ...).
     """
-    mb = _bool(m)
+    mb = as_bool(m)
     ratio, log_ratio = ratios(logp, old_logp, mb, level=level, max_log_ratio=max_log_ratio)
     A = _keep(_per_token(A, mb.shape), mb)
     L, metrics = _terms(kind, _keep(logp, mb), ratio, log_ratio, A, mb, options)
@@ -410,15 +412,15 @@ def rollout_is_weights(
     Metrics: ``is/mean, is/min, is/max, is/ess`` over the units (tokens, or non-empty rows at sequence level),
     ``is/frac_masked``, ``is/frac_truncated``, ``is/mismatch_k1``, ``is/mismatch_k3`` (KL(rollout‖old), token mean).
     """
-    mb = _bool(m)
-    raw = torch.where(mb, _fp(old_logp) - _fp(rollout_logp), 0.0)
+    mb = as_bool(m)
+    raw = torch.where(mb, as_float(old_logp) - as_float(rollout_logp), 0.0)
     scored = mb & ~torch.isnan(raw)
     lw = torch.where(scored, raw, 0.0)
     lo = -math.inf if is_low is None else is_low
     hi = math.inf if is_high is None else is_high
     if seq_reduce not in ("sum", "mean"):
         raise ValueError(f"seq_reduce must be 'sum' or 'mean', got {seq_reduce!r}")
-    seq_lw = lw.sum(-1, keepdim=True) if seq_reduce == "sum" else _masked_mean(lw, mb, dim=-1).unsqueeze(-1)
+    seq_lw = lw.sum(-1, keepdim=True) if seq_reduce == "sum" else masked_mean(lw, mb, dim=-1).unsqueeze(-1)
     if mode == "seq_mask_token_truncate":
         unit_w, units = torch.exp(lw), mb
         keep = ((torch.exp(seq_lw) >= lo) & (torch.exp(seq_lw) <= hi)).expand(mb.shape)
@@ -448,8 +450,8 @@ def rollout_is_weights(
         "is/ess": w_units.sum() ** 2 / (n * (w_units * w_units).sum()).clamp(min=1e-30),
         "is/frac_masked": _frac(~keep.expand_as(units), units),
         "is/frac_truncated": _frac(truncated.expand_as(units), units),
-        "is/mismatch_k1": _masked_mean(-lw, scored),
-        "is/mismatch_k3": _masked_mean(torch.expm1(lw) - lw, scored),
+        "is/mismatch_k1": masked_mean(-lw, scored),
+        "is/mismatch_k3": masked_mean(torch.expm1(lw) - lw, scored),
     }
     return torch.where(mb, w.expand(mb.shape), 0.0), metrics
 
@@ -463,10 +465,10 @@ def off_policy_seq_mask(
     ``A`` is ``[B]`` or ``[B,T]``; NaN behaviour log-probs count as 0 KL. Returns a bool keep-mask ``[B,T]``
     (multiplies the per-token loss; it does not change the normaliser) and ``opsm/frac_dropped`` (token-weighted).
     """
-    mb = _bool(m)
-    kl = torch.where(mb, _fp(behavior_logp) - _fp(logp).detach(), 0.0)
+    mb = as_bool(m)
+    kl = torch.where(mb, as_float(behavior_logp) - as_float(logp).detach(), 0.0)
     kl = torch.where(torch.isnan(kl), 0.0, kl)
-    low_kl = (_masked_mean(kl, mb, dim=-1) <= threshold).unsqueeze(-1)
+    low_kl = (masked_mean(kl, mb, dim=-1) <= threshold).unsqueeze(-1)
     keep = ((_per_token(A, mb.shape) >= 0) | low_kl).expand(mb.shape)
     return keep, {"opsm/frac_dropped": _frac(~keep, mb)}
 
@@ -476,18 +478,18 @@ def truncation_mask(is_truncated: Tensor, m: Tensor | None = None) -> Tensor:
 
     Apply before counting the normaliser, so truncated rows add to neither the loss nor ``count_*``.
     """
-    keep = ~_bool(is_truncated).unsqueeze(-1)
+    keep = ~as_bool(is_truncated).unsqueeze(-1)
     return keep if m is None else torch.where(keep, m, torch.zeros_like(m))
 
 
 def overlong_penalty(length: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
     """DAPO soft overlong shaping ``−factor·clip((len − max_len + buffer)/buffer, 0, 1)`` ``[B]``."""
-    return -factor * ((_fp(length) - max_len + buffer) / buffer).clamp(0.0, 1.0)
+    return -factor * ((as_float(length) - max_len + buffer) / buffer).clamp(0.0, 1.0)
 
 
 def high_entropy_mask(H: Tensor, m: Tensor, threshold: float | Tensor) -> Tensor:
     """Bool ``[B,T]``: unmasked tokens with entropy ≥ a caller-supplied (global) quantile threshold."""
-    return (_fp(H) >= threshold) & _bool(m)
+    return (as_float(H) >= threshold) & as_bool(m)
 
 
 def entropy_bonus(
@@ -497,9 +499,9 @@ def entropy_bonus(
 
     TRL uses the local token mean (``normalizer="local"``), whatever the policy aggregation.
     """
-    mb = _bool(m)
+    mb = as_bool(m)
     term = -entropy_coef * aggregate(H, mb, mode="token_mean", normalizer=normalizer)
-    return term, {"entropy": _masked_mean(H, mb).detach()}
+    return term, {"entropy": masked_mean(H, mb).detach()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -553,7 +555,7 @@ def pg_loss(
     Returns:
         ``(loss, metrics)``: clip fractions, ``approx_kl``, ``kl``, ``entropy``, ``policy_loss``, counts.
     """
-    mb = _bool(m)
+    mb = as_bool(m)
     ratio, log_ratio = ratios(logp, old_logp, mb, level=level, max_log_ratio=max_log_ratio)
     logp_m = _keep(logp, mb)
     A_m = _keep(_per_token(A, mb.shape), mb)
@@ -561,30 +563,30 @@ def pg_loss(
     options.update(sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
     fold_is = kind == "vespo" and is_weights is not None  # VESPO folds IS weights into its sequence ratio (TRL)
     if fold_is:
-        options["vespo_is_weights"] = torch.where(mb, _fp(is_weights).expand(mb.shape), 1.0)
+        options["vespo_is_weights"] = torch.where(mb, as_float(is_weights).expand(mb.shape), 1.0)
     L, metrics = _terms(kind, logp_m, ratio, log_ratio, A_m, mb, options)
 
     zero = torch.zeros((), dtype=L.dtype, device=L.device)
     if opsm_mask is not None:
-        L = torch.where(_bool(opsm_mask), L, zero)
+        L = torch.where(as_bool(opsm_mask), L, zero)
     if entropy_mask is not None:
-        L = torch.where(_bool(entropy_mask), L, zero)
+        L = torch.where(as_bool(entropy_mask), L, zero)
     if is_weights is not None and not fold_is:
         L = L * _keep(is_weights.expand(mb.shape), mb)
     metrics["policy_loss"] = aggregate(L, mb, mode=agg, normalizer=normalizer)
 
     if ref_logp is not None:
         k = kl_estimate(logp_m, _keep(ref_logp, mb), kind=kl_kind, straight_through=kl_straight_through)
-        metrics["kl"] = _masked_mean(k, mb)
+        metrics["kl"] = masked_mean(k, mb)
         L = L + kl_coef * (k * ratio if kl_is_weight else k)
     elif not (isinstance(kl_coef, int | float) and kl_coef == 0):
         raise ValueError("kl_coef is set but ref_logp is None")
     loss = aggregate(L, mb, mode=agg, normalizer=normalizer)
 
     if entropy is not None:
-        eff = mb if entropy_mask is None else mb & _bool(entropy_mask)
+        eff = mb if entropy_mask is None else mb & as_bool(entropy_mask)
         if isinstance(entropy_coef, int | float) and entropy_coef == 0:
-            metrics["entropy"] = _masked_mean(entropy, eff)
+            metrics["entropy"] = masked_mean(entropy, eff)
         else:
             if entropy_normalizer is None:
                 raise ValueError('entropy_coef is set: pass entropy_normalizer (TRL uses "local")')
@@ -595,8 +597,8 @@ def pg_loss(
         raise ValueError("entropy_coef is set but entropy is None")
 
     metrics["loss"] = loss
-    metrics["n_tokens"] = _count_tokens(mb)
-    metrics["n_seqs"] = _count_sequences(mb)
+    metrics["n_tokens"] = count_tokens(mb).float()
+    metrics["n_seqs"] = count_sequences(mb).float()
     return loss, _detached(metrics)
 
 

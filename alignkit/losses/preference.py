@@ -1,12 +1,12 @@
-"""Paired preference losses: the DPO family, SimPO, CPO (with AlphaPO) and ORPO (LOSSES.md §4).
+"""Paired preference losses: the DPO family, SimPO, CPO (with AlphaPO) and ORPO (docs/LOSSES.md §4).
 
 Every loss is a pure function of sequence log-probs. Shapes: `P` pairs; policy/reference log-probs are `[P]`
 tensors (sums over completion tokens unless a loss says "mean"). Each loss returns `(loss, metrics)`: `loss` is a
 0-dim fp32 tensor equal to `Σ(per-pair terms) / normalizer`, `metrics` a dict of detached tensors.
 
-Semantics follow TRL 1.16 except where LOSSES.md §10 says otherwise: `sigmoid` uses ε (cDPO; TRL ignores it), and the
-SFT term is a batch-level NLL that WPO pair weights leave alone (TRL 1.16 raises on that combination). The unpaired
-losses (KTO, BCO) live in `alignkit.losses.unpaired` and are re-exported here.
+Semantics follow TRL 1.16 except where docs/LOSSES.md §10 says otherwise: `sigmoid` uses ε (cDPO; TRL ignores it),
+and the SFT term is a batch-level NLL that WPO pair weights leave alone (TRL 1.16 raises on that combination). The
+unpaired losses (KTO, BCO) live in `alignkit.losses.unpaired` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.losses.normalizer import Normalizer, normalize
+from alignkit.ops import as_float, split_pairs
 
 __all__ = [
     "DPO_LOSSES",
@@ -28,6 +29,8 @@ __all__ = [
     "normalize",
     "split_pairs",
     "wpo_weights",
+    "wpo_sequence_weights",
+    "ld_token_weights",
     "ld_sequence_logps",
     "dpo_loss",
     "simpo_loss",
@@ -74,12 +77,13 @@ def _reward_metrics(r_c: Tensor, r_r: Tensor, logp_c: Tensor, logp_r: Tensor) ->
     }
 
 
-def split_pairs(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Split a `[2P, ...]` batch laid out as `[chosen; rejected]` into two `[P, ...]` views."""
-    if x.shape[0] % 2:
-        raise ValueError(f"split_pairs needs an even leading dimension, got {x.shape[0]}")
-    half = x.shape[0] // 2
-    return x[:half], x[half:]
+def wpo_sequence_weights(aligned_sums: Tensor, n_tokens: Tensor) -> Tensor:
+    """WPO weights from per-sequence sums: `w(y) = exp(Σ_t (ℓ_t − log Σ_v p_v²) / n)`, `[n] -> [n]` fp32.
+
+    The one home of the WPO formula; `wpo_weights` (padded `[B,T]` rows) and the packed scoring path
+    (`alignkit.scoring.batch_sequence_logps`, per-segment sums) both call it.
+    """
+    return torch.exp(aligned_sums.float() / n_tokens.float().clamp_min(1))
 
 
 @torch.no_grad()
@@ -96,7 +100,18 @@ def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, mask: Tensor) -> 
     """
     m = mask.bool()
     aligned = torch.where(m, token_logps.float() - log_sum_sq_probs.float(), 0.0)
-    return torch.exp(aligned.sum(-1) / m.sum(-1).clamp_min(1))
+    return wpo_sequence_weights(aligned.sum(-1), m.sum(-1))
+
+
+def ld_token_weights(rank: Tensor, shared_lengths: Tensor, alpha: float) -> Tensor:
+    """LD-DPO token weights: 1 for the first `ℓ_s` completion tokens (rank `k_t ≤ ℓ_s`), `alpha` after.
+
+    The one home of the LD-DPO rule; `ld_sequence_logps` (padded rows) and the packed scoring path
+    (`alignkit.scoring.batch_sequence_logps`) both call it. `rank` and `shared_lengths` broadcast together.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ld_alpha must lie in [0, 1], got {alpha}")
+    return torch.where(rank <= shared_lengths, 1.0, alpha)
 
 
 def ld_sequence_logps(token_logps: Tensor, mask: Tensor, other_lengths: Tensor, *, alpha: float) -> Tensor:
@@ -112,15 +127,14 @@ def ld_sequence_logps(token_logps: Tensor, mask: Tensor, other_lengths: Tensor, 
         alpha: tail weight in [0, 1]; 1 gives the plain sum.
 
     Returns:
-        `[B]` fp32 sequence log-probs.
+        `[B]` sequence log-probs (fp32, or fp64 for fp64 input).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1], got {alpha}")
     m = mask.bool()
     rank = m.long().cumsum(-1)
     shared = torch.minimum(m.sum(-1), other_lengths.to(rank.device).long()).unsqueeze(-1)
-    weight = torch.where(rank <= shared, 1.0, alpha)
-    return torch.where(m, token_logps.float() * weight, 0.0).sum(-1)
+    weight = ld_token_weights(rank, shared, alpha)
+    x = as_float(token_logps)
+    return torch.where(m, x * weight.to(x.dtype), 0.0).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -306,7 +320,7 @@ def dpo_loss(
     sft_normalizer: float | Tensor | None = None,
     normalizer: Normalizer,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO and its variants on summed sequence log-probs (LOSSES.md §4.1-4.3); the unit is the pair.
+    """DPO and its variants on summed sequence log-probs (docs/LOSSES.md §4.1-4.3); the unit is the pair.
 
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: `[P]` summed completion log-probs π_c, π_r, ρ_c, ρ_r

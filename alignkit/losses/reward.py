@@ -1,4 +1,4 @@
-"""Reward-model losses: Bradley-Terry for outcome RMs, token classification for process RMs (LOSSES.md §6).
+"""Reward-model losses: Bradley-Terry for outcome RMs, token classification for process RMs (docs/LOSSES.md §6).
 
 Shapes: `P` pairs, `K` steps. Losses return `(loss, metrics)` with `loss = Σ(unit terms)/normalizer` (0-dim fp32)
 and detached metric tensors.
@@ -7,7 +7,7 @@ and detached metric tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ from alignkit.losses.normalizer import Normalizer, normalize
 __all__ = [
     "bradley_terry_loss",
     "reward_loss",
-    "prm_labels",
     "prm_loss",
     "STEP_AGGREGATIONS",
     "aggregate_step_scores",
@@ -86,52 +85,6 @@ reward_loss = bradley_terry_loss
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prm_labels(
-    step_token_counts: Sequence[int],
-    sep_len: int,
-    prompt_len: int,
-    step_labels: Sequence[int | bool],
-    train_on_last_step_only: bool = False,
-    max_len: int | None = None,
-) -> Tensor:
-    """Token labels of one PRM example laid out as `prompt, step_1 + sep, ..., step_K + sep` (TRL placement).
-
-    The label of step k sits on the last token of step k + its separator; every other position, the prompt included,
-    is −100. The logit is read at that same position (no shift). Truncation to `max_len` drops the labels of steps
-    whose separator was cut. For soft labels, call with any 0/1 labels and write q at `labels != -100`.
-
-    Args:
-        step_token_counts: `[K]` token counts of the steps (without separator).
-        sep_len: tokens in the separator appended to each step.
-        prompt_len: tokens before the first step.
-        step_labels: `[K]` 0/1 correctness labels.
-        train_on_last_step_only: keep only the last step's label (training only).
-        max_len: optional truncation length of the whole sequence.
-
-    Returns:
-        `[L]` long tensor, `L = prompt_len + Σ(count + sep_len)`, truncated to `max_len`.
-    """
-    if len(step_token_counts) != len(step_labels):
-        raise ValueError(f"{len(step_token_counts)} steps but {len(step_labels)} labels")
-    if sep_len < 0 or prompt_len < 0 or (max_len is not None and max_len < 0):
-        raise ValueError("sep_len, prompt_len and max_len must be >= 0")
-    if any(c < 0 or c + sep_len < 1 for c in step_token_counts):
-        raise ValueError("every step plus its separator must span at least one token")
-    if any(int(v) not in (0, 1) for v in step_labels):
-        raise ValueError(f"step labels must be 0/1, got {list(step_labels)}")
-    ends = torch.tensor([c + sep_len for c in step_token_counts], dtype=torch.long).cumsum(0) + prompt_len - 1
-    values = torch.tensor([int(v) for v in step_labels], dtype=torch.long)
-    if train_on_last_step_only:
-        ends, values = ends[-1:], values[-1:]
-    length = prompt_len + sum(c + sep_len for c in step_token_counts)
-    if max_len is not None:
-        length = min(length, max_len)
-    labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
-    kept = ends < length
-    labels[ends[kept]] = values[kept]
-    return labels
-
-
 def prm_loss(
     logits: Tensor,
     labels: Tensor,
@@ -143,7 +96,7 @@ def prm_loss(
 
     Args:
         logits: `[..., 2]` class logits (LM-head PRMs pass `logits[..., [neg_id, pos_id]]`), read without shift.
-        labels: `[...]` 0/1 at labelled positions, −100 elsewhere (see `prm_labels`).
+        labels: `[...]` 0/1 at labelled positions, −100 elsewhere (see `alignkit.data.prm.prm_labels`).
         soft_labels: optional `[...]` probabilities q of "correct"; the target becomes `[1 − q, q]` (ORLHF).
         normalizer: number of labelled steps (float, 0-dim tensor or "local").
 

@@ -1,4 +1,4 @@
-"""SFT losses (LOSSES.md §3): masked NLL, DFT, label smoothing. The unit is the token.
+"""SFT losses (docs/LOSSES.md §3): masked NLL, DFT, label smoothing. The unit is the token.
 
     out = model_token_logps(model, input_ids, labels, extras=("mean_logp",))  # mean_logp only for smoothing
     loss, metrics = sft_loss(out["logps"], out["mask"], normalizer=n_step_tokens, mean_logp=out["mean_logp"])
@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from alignkit.logprobs import count_tokens, masked_mean
 from alignkit.losses.normalizer import Normalizer, normalize
+from alignkit.ops import count_tokens, masked_mean
 
 
 def _nll(ce: Tensor, logps: Tensor) -> Tensor:

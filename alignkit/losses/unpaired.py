@@ -1,4 +1,4 @@
-"""Unpaired preference losses: KTO (and APO-zero unpaired) and BCO (LOSSES.md §5).
+"""Unpaired preference losses: KTO (and APO-zero unpaired) and BCO (docs/LOSSES.md §5).
 
 Shapes: `N` examples; `policy`, `ref` are `[N]` summed completion log-probs, `desirable` is `bool[N]`. The unit is the
 example. Batch-global quantities (KTO's reference point z₀, BCO's running reward mean) are inputs or explicit state,

@@ -80,6 +80,24 @@ def stop_ids_from_config(config: Any, generation_config: Any = None) -> list[int
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any, extra_tokens: Sequence[str] = ()) -> list[int]:
+    """The ids a rollout stops at: the model's generation-config EOS id(s), the tokenizer's EOS, and
+    ``extra_tokens`` (each must be a single token of the tokenizer)."""
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in ([eos] if isinstance(eos, int) else list(eos or [])) + [tokenizer.eos_token_id]:
+        if x is not None and x not in ids:
+            ids.append(int(x))
+    for tok in extra_tokens:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"stop token {tok!r} is not a single token of the tokenizer")
+        ids.append(int(tid))
+    if not ids:
+        raise ValueError("no stop token: the tokenizer has no eos_token and no stop_tokens were given")
+    return ids
+
+
 def read_json(path: Path) -> dict:
     """A model folder's JSON file (config.json, generation_config.json) as a dict; {} when it is absent."""
     return json.loads(path.read_text()) if path.exists() else {}

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignkit.logprobs import cache_kwarg
+from alignkit.models import eval_mode
 from alignkit.rollout.base import Rollouts, check_request, stop_ids_from_config
+from alignkit.scoring import cache_kwarg
 
 __all__ = ["HFGenerator", "sample_tokens"]
 
@@ -93,9 +94,7 @@ class HFGenerator:
         expanded = [list(p) for p in prompt_ids for _ in range(n)]
         step = self.max_batch_size or len(expanded)
         out = Rollouts([], [], [], [])
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling
-        try:
+        with eval_mode(self.model):  # no dropout while sampling
             for i in range(0, len(expanded), step):
                 chunk = expanded[i : i + step]
                 ids, lps, fin = self._decode(chunk, max_new_tokens, temperature, top_p, top_k, stops, rng)
@@ -103,8 +102,6 @@ class HFGenerator:
                 out.completion_ids += ids
                 out.logprobs += lps
                 out.finished += fin
-        finally:
-            self.model.train(was_training)
         return out
 
     def _decode(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
-from alignkit.rewards.core import RewardFunc, register_reward
+from alignkit.reward_funcs.core import RewardFunc, completion_text, register_reward
 
 __all__ = [
     "answers_match",
@@ -225,15 +225,6 @@ def answers_match(prediction: Any, reference: Any) -> bool:
     return p.isalpha() and r.isalpha() and p.lower() == r.lower()
 
 
-def _text(completion: Any) -> str:
-    """A completion as text (conversational completions: the last message's content)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
-
-
 def math_answer_reward(
     prompts: Sequence[Any],
     completions: Sequence[Any],
@@ -250,7 +241,7 @@ def math_answer_reward(
         if ref is None:
             out.append(None)
             continue
-        pred = extract_final_answer(_text(c))
+        pred = extract_final_answer(completion_text(c))
         out.append(1.0 if answers_match(pred, ref) else 0.0)
     return out
 

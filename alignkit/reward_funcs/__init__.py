@@ -1,6 +1,6 @@
 """Reward functions for online RL (GRPO / RLOO): the contract, a weighted set, built-ins and lookup.
 
-    from alignkit.rewards import RewardSet, get_reward
+    from alignkit.reward_funcs import RewardSet, get_reward
     rs = RewardSet(["math_answer", "format"], weights=[1.0, 0.2])
     R, metrics = rs(prompts, completions, completion_ids, answer=answers)   # R [N,2] float32, NaN = None/failed
     A, _ = grpo_advantages(R, group_size=G, reward_weights=rs.weights)
@@ -10,8 +10,8 @@ Built-ins by name: ``math_answer``, ``format``, ``overlong`` / ``length``, ``rew
 dotted path ``"package.module:function"``.
 """
 
-from alignkit.rewards.builtin import format_reward, length_penalty, matches_format
-from alignkit.rewards.core import (
+from alignkit.reward_funcs.builtin import format_reward, length_penalty, matches_format
+from alignkit.reward_funcs.core import (
     REWARDS,
     RewardFunc,
     RewardSet,
@@ -21,7 +21,7 @@ from alignkit.rewards.core import (
     reward_name,
     weighted_reward_sum,
 )
-from alignkit.rewards.math import (
+from alignkit.reward_funcs.math import (
     answers_match,
     extract_boxed,
     extract_final_answer,
@@ -29,7 +29,7 @@ from alignkit.rewards.math import (
     normalize_answer,
     parse_number,
 )
-from alignkit.rewards.reward_model import reward_model_reward
+from alignkit.reward_funcs.reward_model import reward_model_reward
 
 __all__ = [
     "REWARDS",

@@ -17,9 +17,9 @@ from torch import nn
 
 from alignkit.data.rows import Sample, normalize_row
 from alignkit.data.tokenize import encode_samples, resolve_format, tokenizer_switches
+from alignkit.models import pad_token_id
+from alignkit.reward_funcs.core import RewardFunc, completion_text, register_reward
 from alignkit.reward_model import load_reward_model, score
-from alignkit.rewards.core import RewardFunc, register_reward
-from alignkit.rewards.math import _text
 from alignkit.templates import ChatFormat
 
 __all__ = ["reward_model_reward"]
@@ -58,7 +58,7 @@ def reward_model_reward(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     fmt_cache: dict[str, ChatFormat] = {}
 
     def fmt() -> ChatFormat:
@@ -68,9 +68,9 @@ def reward_model_reward(
 
     def sample(prompt: Any, completion: Any) -> Sample:
         if isinstance(prompt, str) and chat_format is None:
-            return Sample(prompt=prompt, text=_text(completion))
+            return Sample(prompt=prompt, text=completion_text(completion))
         pm = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        cm = [{"role": "assistant", "content": _text(completion)}]
+        cm = [{"role": "assistant", "content": completion_text(completion)}]
         return normalize_row({"prompt": pm, "completion": cm})
 
     @torch.inference_mode()

@@ -1,10 +1,10 @@
 """Reward-model training (Bradley-Terry), top to bottom.
 
-{prompt, chosen, rejected} rows -> chat format -> token ids of prompt+chosen and prompt+rejected -> micro-batches
-of pairs, both sides scored in ONE padded forward -> bradley_terry_loss with the step's pair count as normaliser
--> AdamW -> metrics.jsonl + atomic checkpoints (HF folders: `AutoModelForSequenceClassification` loads them).
+Composes: pairs (`data.preference`) -> token ids of prompt+chosen and prompt+rejected -> both sides scored in ONE
+padded forward of a scalar-head model (`reward_model.score`) -> `losses.reward.bradley_terry_loss` with the
+step's pair count as normaliser -> `loops.common` (HF folders `AutoModelForSequenceClassification` loads).
 
-    from alignkit.loops.reward import RewardConfig, train_reward
+    from alignkit.loops.reward_model import RewardConfig, train_reward
     train_reward(RewardConfig(model="runs/sft/checkpoint-900", dataset="pairs.jsonl", output_dir="runs/rm"))
 """
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -22,47 +22,27 @@ from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import tokenize_pairs as tokenize_preference_pairs
 from alignkit.data.rows import RowError
-from alignkit.loops.common import end_step, optimizer_step, plan_batches, start_run, step_range
-from alignkit.losses.preference import split_pairs
+from alignkit.loops import common
+from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock
 from alignkit.losses.reward import bradley_terry_loss
+from alignkit.metrics import StepMetrics
+from alignkit.models import eval_mode, pad_token_id
+from alignkit.ops import split_pairs
 from alignkit.reward_model import load_reward_model, score
 
 STEP_METRICS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")  # pair means logged every step
+# pair means, weighted by the micro-batch's pairs; the loss is already divided by the step's pair count
+STEP_WEIGHTS = {"loss": None, "n_pairs": None}
 
 
 @dataclass
-class RewardConfig:
-    model: str = ""  # causal-LM or reward-model folder / HF id (ignored when a model object is passed)
-    dataset: str = ""  # hub id, .json/.jsonl/.parquet file or folder of {prompt?, chosen, rejected, margin?} rows
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_rows: int | None = 512  # cap on evaluation pairs
+class RewardConfig(ModelBlock, DataBlock, EvalBlock, BatchBlock, OptimBlock, RunBlock):
     output_dir: str = "runs/reward"
-    chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
+    eval_rows: int | None = 512  # cap on evaluation pairs
     max_length: int | None = 1024  # pairs with either side longer are dropped (TRL's filter), never truncated
-    batch_size: int = 8  # pairs per micro-batch (the forward sees 2x sequences)
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
     lr: float = 1e-4  # TRL's RewardConfig default
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "linear"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
     use_margin: bool = True  # subtract the rows' `margin` column from r_c - r_r when the data has one
     center_coef: float | None = None  # reward centering c·(r_c + r_r)² (TRL center_rewards_coefficient)
-    dtype: str = "float32"
-    attn_implementation: str | None = "sdpa"
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int | None = None  # steps between evaluations; the final step is always evaluated
-    save_every: int | None = None  # steps between checkpoints; the final state is always saved
-    keep_last: int = 2
-    resume: bool = False  # continue from RUN_DIR/latest if present
-    tensorboard: bool = False
-    progress: bool = True
 
 
 def _margins(rows: Sequence[Mapping[str, Any]], use: bool) -> list[float] | None:
@@ -121,18 +101,15 @@ def score_pairs(
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], cfg: RewardConfig, pad_id: int):  # noqa: ANN201
     """Pair-mean loss, accuracy (r_c > r_r) and margin over `pairs`."""
-    was_training = model.training
-    model.eval()
-    sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-    for i in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[i : i + cfg.batch_size]
-        r_c, r_r, m = score_pairs(model, chunk, pad_id)
-        loss, met = bradley_terry_loss(r_c, r_r, margin=m, center_coef=cfg.center_coef, normalizer=len(pairs))
-        sums["loss"] += float(loss)
-        sums["accuracy"] += float(met["accuracy"]) * len(chunk) / len(pairs)
-        sums["margin"] += float(met["margin"]) * len(chunk) / len(pairs)
-    model.train(was_training)
-    return {f"eval_{k}": v for k, v in sums.items()}
+    with eval_mode(model):
+        acc = StepMetrics(STEP_WEIGHTS, "n_pairs")
+        for i in range(0, len(pairs), cfg.batch_size):
+            chunk = pairs[i : i + cfg.batch_size]
+            r_c, r_r, m = score_pairs(model, chunk, pad_id)
+            loss, met = bradley_terry_loss(r_c, r_r, margin=m, center_coef=cfg.center_coef, normalizer=len(pairs))
+            acc.add({"loss": loss, **met})
+    res = acc.result()
+    return {f"eval_{k}": res[k] for k in ("loss", "accuracy", "margin")}
 
 
 def train_reward(
@@ -148,15 +125,8 @@ def train_reward(
     or let `cfg` name them. Returns a summary with the final step record."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
-    if model is None:
-        if not cfg.model:
-            raise ValueError("RewardConfig.model is empty: name a causal-LM or reward-model folder / HF id")
-        model, tokenizer = load_reward_model(
-            cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, seed=cfg.seed
-        )
-    if tokenizer is None:
-        raise ValueError("pass the tokenizer together with the model")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, tokenizer = common.load_policy(cfg, model, tokenizer, loader=load_reward_model, seed=cfg.seed)
+    pad_id = pad_token_id(tokenizer)
     if model.config.pad_token_id is None:  # saved checkpoints must work with HF's own pooling too
         model.config.pad_token_id = pad_id
 
@@ -173,55 +143,34 @@ def train_reward(
         evals = tokenize_pairs(eval_rows, tokenizer, **tok_kw)[0][: cfg.eval_rows]
 
     # the whole data order, fixed by the seed: resuming means skipping to a step
-    plan = plan_batches(
-        [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train],
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        batch_size=cfg.batch_size,
-    )
-    total_steps = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
-    if total_steps == 0:
-        raise ValueError(f"no full optimizer step: {len(train)} pairs, grad_accum={cfg.grad_accum}")
+    plan, total_steps = common.plan_steps([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train], cfg, "pairs")
 
-    run = start_run(model, cfg, total_steps, "reward")
+    run = common.start_run(model, cfg, total_steps, "reward")
 
     model.train()
-    device = next(model.parameters()).device
-    steps = step_range(run, "reward")
+    steps = common.step_range(run, "reward")
     record: dict[str, Any] = {}
     for step in steps:
         t0 = time.perf_counter()
         micro = [[train[i] for i in mb] for mb in plan[step]]
         # The normaliser is the step's pair count, so summed micro-batch losses give the full-batch pair mean.
         n_pairs = sum(len(mb) for mb in micro)
-        # accumulate on the model's device: one host sync per step (the log), not per micro-batch
-        loss_sum = torch.zeros((), device=device)
-        stats = {k: torch.zeros((), device=device) for k in STEP_METRICS}
+        acc = StepMetrics(STEP_WEIGHTS, "n_pairs")  # one host sync per step (the log), not per micro-batch
         for mb in micro:
             r_c, r_r, margin = score_pairs(model, mb, pad_id)
             loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
             loss.backward()
-            loss_sum += loss.detach()
-            for k in stats:  # metrics are local pair means: weight by the micro-batch's pairs
-                stats[k] += met[k] * (len(mb) / n_pairs)
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+            acc.add({"loss": loss.detach(), **met})
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
 
         done = step + 1
-        record = {
-            "step": done,
-            "loss": float(loss_sum),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            **{k: float(v) for k, v in stats.items()},
-            "num_pairs": n_pairs,
-            "num_tokens": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for mb in micro for p in mb),
-            "step_time_s": time.perf_counter() - t0,
-        }
+        stats = {k: v for k, v in acc.result().items() if k in ("loss", *STEP_METRICS)}
+        n_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for mb in micro for p in mb)
+        record = common.step_record(done, stats, lr, grad_norm, t0, num_pairs=n_pairs, num_tokens=n_tokens)
         if evals and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             record.update(evaluate(model, evals, cfg, pad_id))
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
     run.log.close()
     return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "dropped": dropped}

@@ -50,6 +50,16 @@ RewardFunc = Callable[..., RewardValues | Awaitable[RewardValues]]
 REWARDS: dict[str, Callable[..., RewardFunc]] = {}
 
 
+def completion_text(completion: Any) -> str:
+    """A completion as text: a string as it is; conversational completions (a list of messages): the last
+    message's content (what the model wrote); anything else through ``str``."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content") or "")
+    return str(completion)
+
+
 def register_reward(name: str) -> Callable[[Callable[..., RewardFunc]], Callable[..., RewardFunc]]:
     """Decorator: register a reward *factory* under ``name`` (a plain reward is registered via a lambda)."""
 

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from alignkit.losses.policy import overlong_penalty
-from alignkit.rewards.core import RewardFunc, register_reward
-from alignkit.rewards.math import _text
+from alignkit.reward_funcs.core import RewardFunc, completion_text, register_reward
 
 __all__ = ["format_reward", "length_penalty", "matches_format"]
 
@@ -59,7 +58,7 @@ def format_reward(
     def reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **_: Any):
         out: list[float | None] = []
         for p, c in zip(prompts, completions, strict=True):
-            text = _text(c)
+            text = completion_text(c)
             opened = prompt_opens_think
             if opened is None:
                 opened = isinstance(p, str) and p.rstrip().endswith(t_open)

@@ -1,0 +1,299 @@
+"""The online RL loop shared by GRPO and RLOO (they differ in the advantage estimator and the defaults).
+
+Composes: prompts (`data.prompts`) -> a round (`rollout.make_round`: generation by a `rollout` backend, rewards
+from `reward_funcs`, old-policy / reference log-probs from `scoring`, advantages from `losses.ADVANTAGES`) ->
+`pg_loss` per micro-batch with the aggregation's step normaliser -> `loops.common` -> metrics + checkpoints.
+
+The round is cut into `steps_per_generation` optimizer steps and replayed `num_iterations` times (PPO epochs)
+against the stored old log-probs. By default (`shared_prefix`) the completions of one prompt are scored with one
+backbone pass over the prompt whose KV cache they all attend to: the prompt's forward and backward are paid once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from alignkit.data.loading import load_rows
+from alignkit.data.prompts import load_prompts, round_prompts
+from alignkit.loops import common
+from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock
+from alignkit.losses.advantages import ADVANTAGES
+from alignkit.losses.aggregation import step_normalizer
+from alignkit.losses.policy import pg_loss
+from alignkit.metrics import StepMetrics
+from alignkit.models import load_model_and_tokenizer, pad_token_id
+from alignkit.reference import ReferenceInputs, build_reference, default_rl_reference_kind
+from alignkit.reward_funcs import RewardSet
+from alignkit.rollout import Generator, make_generator, stop_token_ids
+from alignkit.rollout.round import RolloutBatch, make_round
+from alignkit.scoring import completion_logps, frozen_completion_logps
+
+RewardFn = Callable[..., list]
+
+
+@dataclass
+class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
+    """Keys shared by ``GRPOConfig`` and ``RLOOConfig`` (see those for the algorithm-specific defaults)."""
+
+    output_dir: str = "runs/rl"
+    ref_model: str | None = None  # None: frozen copy of the initial policy (LoRA: the adapter switched off)
+    dataset: str = ""  # rows with `prompt` (str or messages) or `messages`, plus columns for the rewards
+    dataset_split: str = "train"
+    chat_format: str | None = None  # for conversational prompts; None = detect from the tokenizer
+    max_prompt_length: int | None = 512  # longer prompts keep their last tokens
+    # rewards: built-in names or dotted paths `pkg.module.fn`; weights default to 1
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    # generation
+    backend: str = "hf"  # hf | vllm_colocate | vllm_server, or a dotted path to a factory (GENERATOR_BACKENDS)
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"base_url": "http://127.0.0.1:8000"}
+    group_size: int = 8  # completions per prompt (TRL num_generations)
+    prompts_per_step: int = 8  # prompts per optimizer step (each step trains on prompts_per_step * group_size)
+    steps_per_generation: int = 1  # optimizer steps cut from one generation round
+    num_iterations: int = 1  # PPO epochs over a generation round
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # sampling AND trainer log-prob temperature (they must agree)
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_tokens: list[str] = field(default_factory=list)  # extra stop tokens besides the eos ids
+    generation_batch_size: int | None = None  # sequences per generate call (hf backend)
+    # advantages (alignkit.losses.advantages.ADVANTAGES; an estimator takes the options it knows)
+    advantage: str = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # GRPO std scale (none = Dr.GRPO)
+    multi_reward: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    normalize_advantages: bool = False  # RLOO: z-score the advantages over the round
+    advantage_eps: float = 1e-4
+    # KL to the reference
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_placement: Literal["loss", "reward"] = "loss"
+    kl_is_weight: bool = True  # in-loss KL multiplied by the ratio (TRL use_bias_correction_kl)
+    # policy loss (alignkit.losses.policy.pg_loss)
+    loss: str = "ppo_clip"  # ppo_clip | cispo | sapo | gmpo | reinforce | vespo
+    ratio_level: str = "token"  # token | sequence (GSPO) | sequence_sum
+    ratio_low: float | None = None  # absolute bounds; None = the loss's defaults (ppo_clip: 0.8 / 1.2)
+    ratio_high: float | None = None
+    dual_clip: float | None = None
+    max_log_ratio: float | None = None
+    agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_constant
+    entropy_coef: float = 0.0
+    mask_truncated: bool = False  # completions cut at max_new_tokens add nothing to the loss
+    # trainer-vs-sampler importance sampling (None = off)
+    rollout_is: Literal["truncate", "mask", "seq_mask_token_truncate"] | None = None
+    rollout_is_level: Literal["token", "sequence"] = "sequence"
+    is_low: float | None = None
+    is_high: float | None = 3.0
+    # optimisation
+    max_steps: int = 100
+    micro_batch_size: int = 8  # completions per forward/backward
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    token_chunk: int = 1024
+    shared_prefix: bool = True  # score a group's completions with one pass over their shared prompt
+    keep_logits_mb: float = 1024  # keep a micro-batch's LM-head logits up to this size for backward (0: recompute)
+
+
+def advantage_fn(cfg: RLConfig) -> Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]:
+    """``ADVANTAGES[cfg.advantage]`` with the group size and the config options it takes."""
+    try:
+        estimator = ADVANTAGES[cfg.advantage]
+    except KeyError:
+        raise ValueError(f"unknown advantage {cfg.advantage!r}; expected one of {sorted(ADVANTAGES)}") from None
+    options = {"scale": cfg.scale_rewards, "multi_reward": cfg.multi_reward, "normalize": cfg.normalize_advantages,
+               "eps": cfg.advantage_eps}  # fmt: skip
+    known = inspect.signature(estimator).parameters
+    options = {k: v for k, v in options.items() if k in known}
+    return lambda R, weights: estimator(R, group_size=cfg.group_size, reward_weights=weights, **options)
+
+
+def _scoring_kwargs(cfg: RLConfig, pad_id: int) -> dict[str, Any]:
+    return dict(temperature=cfg.temperature, shared_prefix=cfg.shared_prefix, pad_id=pad_id,
+                token_chunk=cfg.token_chunk, keep_logits_mb=cfg.keep_logits_mb)  # fmt: skip
+
+
+def micro_loss(
+    model: torch.nn.Module, batch: RolloutBatch, rows: list[int], cfg: RLConfig, normalizer: float, n_tokens: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``pg_loss`` of the completions ``rows`` of the round, scaled by the step's normaliser."""
+    entropy = cfg.entropy_coef != 0
+    res = completion_logps(
+        model,
+        [batch.prompt_ids[i] for i in rows],
+        [batch.completion_ids[i] for i in rows],
+        extras=("entropy",) if entropy else (),
+        **_scoring_kwargs(cfg, 0),
+    )
+    logp, mask = res["logps"], res["mask"]  # [b, L]: completion-aligned like the round's stored tensors
+    width = logp.shape[1]
+
+    def full(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[rows][:, :width].to(logp.device)
+
+    m = mask & batch.keep[rows].to(mask.device).unsqueeze(1)
+    return pg_loss(
+        logp,
+        full(batch.old_logps),
+        batch.advantages[rows].to(logp.device),
+        m,
+        normalizer=normalizer,
+        kind=cfg.loss,
+        level=cfg.ratio_level,
+        agg=cfg.agg,
+        ratio_low=cfg.ratio_low,
+        ratio_high=cfg.ratio_high,
+        dual_clip=cfg.dual_clip,
+        max_log_ratio=cfg.max_log_ratio,
+        ref_logp=full(batch.ref_logps),
+        kl_coef=cfg.kl_coef if batch.ref_logps is not None else 0.0,
+        kl_kind=cfg.kl_kind,
+        kl_is_weight=cfg.kl_is_weight,
+        is_weights=full(batch.is_weights),
+        entropy=res.get("entropy"),
+        entropy_coef=cfg.entropy_coef,
+        entropy_normalizer=n_tokens if entropy else None,
+    )
+
+
+def round_normalizer(batch: RolloutBatch, rows: Sequence[int], cfg: RLConfig) -> float:
+    """The aggregation's D over ALL micro-batches of the step made of the round's ``rows`` (masked truncated
+    completions do not count)."""
+    counted = batch.cmask[rows] & batch.keep[rows].unsqueeze(1)
+    return step_normalizer(cfg.agg, counted, cfg.max_new_tokens)
+
+
+# summed over micro-batches (already divided by the step's normaliser, or counts); the rest are token-weighted
+STEP_WEIGHTS = {"loss": None, "policy_loss": None, "n_tokens": None, "n_seqs": None}
+
+
+def _check(cfg: RLConfig) -> None:
+    if cfg.group_size < 1 or cfg.prompts_per_step < 1 or cfg.steps_per_generation < 1 or cfg.num_iterations < 1:
+        raise ValueError("group_size, prompts_per_step, steps_per_generation and num_iterations must be >= 1")
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be > 0: RL samples, and the trainer scores at the same temperature")
+    if cfg.kl_placement == "reward" and cfg.multi_reward == "normalize_then_sum" and cfg.kl_coef > 0:
+        raise ValueError("kl_placement='reward' folds the KL into one summed reward; use sum_then_normalize")
+
+
+def train_policy_gradient(
+    cfg: RLConfig,
+    *,
+    name: str,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    reward_funcs: Sequence[RewardFn | str] = (),
+    generator: Generator | None = None,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
+    """Run GRPO / RLOO (``name`` labels logs). See the module docstring for the order of operations."""
+    _check(cfg)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    model = common.maybe_add_lora(model, cfg)
+    pad_id = pad_token_id(tokenizer)
+    if not (reward_funcs or cfg.rewards):
+        raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
+    rewards = RewardSet(list(reward_funcs) or cfg.rewards, cfg.reward_weights)
+    rows = list(load_rows(train_data or cfg.dataset, cfg.dataset_split))
+    prompts = load_prompts(rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length)
+    per_round = cfg.prompts_per_step * cfg.steps_per_generation
+    steps_per_round = cfg.steps_per_generation * cfg.num_iterations
+    stops = stop_token_ids(model, tokenizer, cfg.stop_tokens)
+
+    # no-grad passes of a round: the old policy (once it moves within the round, for IS, for KL in the reward)
+    # and the reference (for any KL)
+    frozen = functools.partial(frozen_completion_logps, micro_batch_size=cfg.micro_batch_size,
+                               **_scoring_kwargs(cfg, pad_id))  # fmt: skip
+    kl_reward = cfg.kl_coef > 0 and cfg.kl_placement == "reward"
+    need_old = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or cfg.rollout_is is not None or kl_reward
+    reference = None
+    if cfg.kl_coef > 0:
+        ref_model = None
+        if cfg.ref_model is not None:
+            ref_model = load_model_and_tokenizer(cfg.ref_model, dtype=cfg.dtype)[0]
+        kind = default_rl_reference_kind(model, ref_model is not None)
+        reference = build_reference(
+            kind, model, ReferenceInputs(scorer=lambda m, b: frozen(m, *b), ref_model=ref_model)
+        )
+    rollout_is = None
+    if cfg.rollout_is is not None:
+        rollout_is = dict(level=cfg.rollout_is_level, mode=cfg.rollout_is, is_low=cfg.is_low, is_high=cfg.is_high)
+    own_generator = generator is None
+    generator = generator or make_generator(
+        cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, max_batch_size=cfg.generation_batch_size,
+        model_dir=cfg.model, backend_kwargs=cfg.backend_kwargs,
+    )  # fmt: skip
+
+    run = common.start_run(model, cfg, cfg.max_steps, name)
+    # the in-flight round of a resumed run; stale: the engine may not hold the trainer's weights
+    batch = RolloutBatch(**run.state["round"]) if run.state.get("round") is not None else None
+    stale = True
+    model.train()
+    steps: Any = common.step_range(run, name)
+
+    def saved_state(step: int) -> dict[str, Any]:  # a checkpoint inside a round carries it: resume replays it
+        return {"round": asdict(batch) if step % steps_per_round != 0 else None}
+
+    record: dict[str, Any] = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        rnd, k = divmod(step, steps_per_round)
+        sync_s = 0.0
+        if k == 0 or batch is None:
+            if stale:
+                t_sync = time.perf_counter()
+                generator.update_weights(model)
+                sync_s, stale = time.perf_counter() - t_sync, False
+            idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
+            batch = make_round(
+                generator=generator,
+                tokenizer=tokenizer,
+                prompts=[prompts[i] for i in idx],
+                rewards=rewards,
+                group_size=cfg.group_size,
+                sampling=dict(
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+                ),  # fmt: skip
+                stops=stops,
+                seed=cfg.seed * 7919 + rnd,
+                advantage_fn=advantage_fn(cfg),
+                old_logps_fn=functools.partial(frozen, model) if need_old else None,
+                reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,
+                kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
+                rollout_is=rollout_is,
+                mask_truncated=cfg.mask_truncated,
+            )
+        # this step's slice of the round: whole groups, so each step sees complete groups
+        chunk = k % cfg.steps_per_generation
+        n = cfg.prompts_per_step * cfg.group_size
+        rows = list(range(chunk * n, (chunk + 1) * n))
+        normalizer = round_normalizer(batch, rows, cfg)
+        n_tokens = float(max(int((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum()), 1))
+        acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            loss, metrics = micro_loss(model, batch, rows[i : i + cfg.micro_batch_size], cfg, normalizer, n_tokens)
+            loss.backward()
+            acc.add(metrics)
+        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        stale = True
+
+        done = step + 1
+        record = {"step": done, **acc.result(), "lr": lr, "grad_norm": grad_norm, **batch.metrics}
+        record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
+        record["step_time_s"] = time.perf_counter() - t0
+        if cfg.progress:
+            steps.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}")
+        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+    run.log.close()
+    if own_generator:
+        generator.close()
+    return {"steps": cfg.max_steps, "last": record, "run_dir": str(run_dir)}

@@ -1,0 +1,97 @@
+"""Metrics of a run: one accumulator that folds micro-batch metrics into a step's values, and the metrics log.
+
+Every loop folds the ``(loss, metrics)`` of its micro-batches with :class:`StepMetrics` (values stay on the
+device until the step's one host sync in :meth:`StepMetrics.result`) and writes one record per logged step with
+:class:`MetricsLog` (``RUN_DIR/metrics.jsonl``, optionally TensorBoard).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepMetrics", "MetricsLog", "read_metrics"]
+
+
+class StepMetrics:
+    """Folds per-micro-batch metrics into one value per step.
+
+    A loss reports local means with their counts; ``weights`` maps a metric name to the count it is a mean over
+    (``None``: a term already divided by the global normaliser, or a count, so micro-batch values add up;
+    ``"last"``: a batch-global input such as KTO's z0). Unlisted names default to ``default_weight``. Values are
+    accumulated as detached fp64 tensors on their device; :meth:`result` is the step's single host sync.
+    """
+
+    def __init__(self, weights: Mapping[str, str | None] | None = None, default_weight: str | None = None) -> None:
+        self.weights, self.default = dict(weights or {}), default_weight
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+        self.last: dict[str, Tensor] = {}
+
+    def add(self, metrics: Mapping[str, Tensor | float]) -> None:
+        vals = {k: torch.as_tensor(v).detach().double() for k, v in metrics.items()}
+        for k, v in vals.items():
+            w = self.weights.get(k, self.default)
+            if w == "last":
+                self.last[k] = v
+            elif w is None or w == k:
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+            else:
+                self.sums[k] = self.sums[k] + v * vals[w] if k in self.sums else v * vals[w]
+                self.counts[k] = self.counts[k] + vals[w] if k in self.counts else vals[w]
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in self.sums.items():
+            if k in self.counts:
+                c = float(self.counts[k])
+                out[k] = float(v) / c if c else 0.0
+            else:
+                out[k] = float(v)
+        return {**out, **{k: float(v) for k, v in self.last.items()}}
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once), optionally mirrors
+    scalars to TensorBoard. On resume, lines after the resumed step are dropped so the log stays exact."""
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -1,0 +1,186 @@
+"""One generation round of online RL, and reward evaluation of a model's samples.
+
+``make_round``: prompts -> Generator (G completions each, sampler log-probs) -> rewards ``[N,K]`` (NaN = not
+applicable) -> the no-grad passes the caller asks for (old policy, reference) -> KL folded into the reward
+(optional) -> advantages -> trainer-vs-sampler IS weights (optional). Per-token tensors are completion-aligned
+``[N, L_max]`` (mask ``cmask``), the layout ``alignkit.scoring.completion_logps`` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.data.prompts import Prompt, load_prompts
+from alignkit.losses.policy import kl_penalized_rewards, rollout_is_weights
+from alignkit.models import pad_token_id
+from alignkit.reward_funcs import RewardSet
+from alignkit.rollout.base import Generator, stop_token_ids
+from alignkit.rollout.hf import HFGenerator
+from alignkit.scoring import completion_mask
+
+__all__ = ["RolloutBatch", "make_round", "score_completions", "evaluate_rewards"]
+
+#: ``(prompt_ids, completion_ids) -> [N, L_max]`` no-grad log-probs (e.g. a partial of ``frozen_completion_logps``)
+LogpsFn = Callable[[list[list[int]], list[list[int]]], Tensor]
+
+
+@dataclass
+class RolloutBatch:
+    """A scored generation round; per-token tensors are completion-aligned ``[N, L_max]`` (mask ``cmask``)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    cmask: Tensor  # [N, L] bool
+    advantages: Tensor  # [N]
+    keep: Tensor  # [N] bool: rows that count in the loss (False: truncated, with mask_truncated)
+    old_logps: Tensor | None  # [N, L]; None = on-policy (ρ ≡ 1 with the REINFORCE gradient)
+    ref_logps: Tensor | None  # [N, L], for the in-loss KL
+    is_weights: Tensor | None  # [N, L] rollout IS weights
+    metrics: dict[str, float]
+
+
+def _num(v: Any) -> Any:
+    return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+
+
+def score_completions(
+    rewards: RewardSet,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    completion_ids: list[list[int]],
+    n: int,
+    stops: Sequence[int],
+) -> tuple[Tensor, dict[str, Any]]:
+    """Rewards ``[N,K]`` (and their metrics) of ``n`` completions per prompt, groups contiguous: each reward gets
+    the prompts, the decoded texts (trailing stop token cut), the ids and the rows' other columns."""
+    stop_set = set(stops)
+    texts = tokenizer.batch_decode(
+        [c[:-1] if c and c[-1] in stop_set else c for c in completion_ids], skip_special_tokens=True
+    )
+    rep = [p for p in prompts for _ in range(n)]
+    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
+    return rewards([p.prompt for p in rep], texts, completion_ids, **columns)
+
+
+def make_round(
+    *,
+    generator: Generator,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    rewards: RewardSet,
+    group_size: int,
+    sampling: Mapping[str, Any],
+    stops: list[int],
+    seed: int,
+    advantage_fn: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]],
+    old_logps_fn: LogpsFn | None = None,
+    reference_logps_fn: LogpsFn | None = None,
+    kl_in_reward: tuple[float, str] | None = None,
+    rollout_is: Mapping[str, Any] | None = None,
+    mask_truncated: bool = False,
+) -> RolloutBatch:
+    """Generate, score and prepare one round (everything the optimizer steps of the round need).
+
+    Args:
+        sampling: ``max_new_tokens, temperature, top_p, top_k`` for ``generator.generate``.
+        advantage_fn: ``(rewards [N,K], reward weights [K] or None) -> (advantages [N], metrics)``.
+        old_logps_fn: the trainer's log-probs at generation time (needed once the policy moves within the round,
+            for rollout IS and for KL in the reward); None = on-policy.
+        reference_logps_fn: the reference's log-probs (KL); None = no KL.
+        kl_in_reward: ``(kl_coef, kind)``: fold ``kl_coef·Σ_t k(old, ref)`` into one summed reward.
+        rollout_is: keyword arguments of ``losses.policy.rollout_is_weights`` (``mode`` included); None = off.
+        mask_truncated: completions cut at ``max_new_tokens`` add nothing to the loss.
+    """
+    G = group_size
+    t0 = time.perf_counter()
+    ro = generator.generate([p.ids for p in prompts], n=G, stop_token_ids=stops, seed=seed, **sampling)
+    if len(ro.completion_ids) != len(prompts) * G:
+        raise RuntimeError(f"generator returned {len(ro.completion_ids)} completions, expected {len(prompts) * G}")
+    t_gen = time.perf_counter() - t0
+    comp = [list(c) for c in ro.completion_ids]
+    lengths = [len(c) for c in comp]
+    if min(lengths) == 0:
+        raise RuntimeError("generator returned an empty completion; it must at least hold the stop token")
+    cm = completion_mask(lengths)
+    sampler = torch.zeros(cm.shape)
+    sampler[cm] = torch.tensor([x for lp in ro.logprobs for x in lp], dtype=torch.float32)
+
+    t1 = time.perf_counter()
+    R, reward_metrics = score_completions(rewards, tokenizer, prompts, comp, G, stops)
+    metrics = {k: _num(v) for k, v in reward_metrics.items()}
+    t_reward = time.perf_counter() - t1
+
+    old = old_logps_fn(ro.prompt_ids, comp) if old_logps_fn is not None else None
+    ref = reference_logps_fn(ro.prompt_ids, comp) if reference_logps_fn is not None else None
+    if kl_in_reward is not None:
+        if old is None or ref is None:
+            raise ValueError("KL in the reward needs both the old-policy and the reference log-probs")
+        # one summed reward minus kl_coef · Σ_t k(old, ref): the KL of the policy that sampled the sequence
+        kl_coef, kind = kl_in_reward
+        total, klm = kl_penalized_rewards(rewards.weighted_sum(R), old, ref, cm, kl_coef=kl_coef, kind=kind)
+        R, weights = total.unsqueeze(1), None
+        metrics.update({f"kl_reward/{k}": float(v) for k, v in klm.items()})
+    else:
+        weights = rewards.weights
+    A, adv_metrics = advantage_fn(R, weights)
+    metrics.update({k: float(v) for k, v in adv_metrics.items()})
+
+    is_w = None
+    if rollout_is is not None:
+        if old is None:
+            raise ValueError("rollout IS weights need the old-policy log-probs")
+        is_w, ism = rollout_is_weights(old, sampler, cm, **rollout_is)
+        metrics.update({k: float(v) for k, v in ism.items()})
+    elif old is not None:  # report the mismatch even when not correcting it
+        metrics["is/mismatch_k1"] = float((old - sampler)[cm].neg().mean())
+
+    finished = torch.tensor(ro.finished)
+    keep = finished | (not mask_truncated)
+    lens = torch.tensor(lengths, dtype=torch.float32)
+    metrics.update(
+        {
+            "advantage_mean": float(A.mean()),
+            "advantage_std": float(A.std()) if A.numel() > 1 else 0.0,
+            "completion_length": float(lens.mean()),
+            "completion_length_max": float(lens.max()),
+            "frac_truncated": float((~finished).float().mean()),
+            "gen_time_s": t_gen,
+            "reward_time_s": t_reward,
+        }
+    )
+    ref_in_loss = ref if kl_in_reward is None else None
+    return RolloutBatch(ro.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics)
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    reward_funcs: Sequence[Callable[..., list] | str],
+    *,
+    n: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    chat_format: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Mean rewards of ``n`` sampled (``temperature=0``: greedy) completions per prompt row, with the HF backend.
+
+    Returns the ``RewardSet`` metrics (``reward``, ``rewards/<name>/mean``, ...) as floats.
+    """
+    prompts = load_prompts(rows, tokenizer, chat_format=chat_format)
+    stops = stop_token_ids(model, tokenizer)
+    ro = HFGenerator(model, pad_token_id(tokenizer), max_batch_size=batch_size).generate(
+        [p.ids for p in prompts], n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+        stop_token_ids=stops, seed=seed,
+    )  # fmt: skip
+    _, metrics = score_completions(RewardSet(list(reward_funcs)), tokenizer, prompts, ro.completion_ids, n, stops)
+    return {k: float(v) for k, v in metrics.items()}
