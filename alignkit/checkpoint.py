@@ -1,23 +1,40 @@
-"""Checkpoints that survive a crash: written to a temporary folder, fsynced, then renamed into place.
+"""Checkpoints that survive a crash and are checked before they are trusted.
 
 A checkpoint folder `RUN_DIR/checkpoint-STEP/` holds the HF model (`save_pretrained`, safetensors), the
-tokenizer, and `trainer_state.pt` (optimizer, scheduler, RNG states, step, data position, anything else the
-loop passes). `RUN_DIR/latest` names the newest complete checkpoint. A process killed mid-save leaves only a
-`.tmp-*` folder, which the next save or resume removes.
+tokenizer, the training state (optimizer, scheduler, RNG states, step, anything else the loop passes) as
+`trainer_state.safetensors` (tensors) + `trainer_state.json` (everything else: no pickle, so a run folder made by
+someone else cannot run code on resume), and `checksums.json` (SHA-256 of every file). It is written to a
+temporary folder, fsynced, then renamed into place; `RUN_DIR/latest` names the newest complete checkpoint. A
+process killed mid-save leaves only a `.tmp-*` folder, which the next save removes.
+
+On load a checkpoint is verified (every file present with its checksum, finite weights); a corrupt `latest` is
+reported by path and the newest intact earlier checkpoint is used instead (:func:`find_resumable`). Pruning
+(`keep_last`) only ever deletes checkpoints of the same run (`run_id`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import math
 import os
 import random
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-STATE_FILE = "trainer_state.pt"
+from alignkit.errors import CheckpointError, DiskFullError
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+STATE_FILE = STATE_JSON  # the file whose presence marks a complete checkpoint
 
 
 def rng_state() -> dict[str, Any]:
@@ -28,11 +45,126 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pickle-free state: tensors to safetensors, the rest to JSON
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, numpy arrays, numbers, strings) into a JSON-able
+    structure with placeholders and a flat ``{key: tensor}`` dict for safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().clone().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": enc(torch.from_numpy(x.astype(np.int64) if x.dtype == np.uint32 else x)),
+                    "dtype": str(x.dtype)}  # fmt: skip
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"__dict__": {k: enc(v) for k, v in x.items()}}
+            return {"__items__": [[enc(k), enc(v)] for k, v in x.items()]}  # e.g. optimizer state: int keys
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return {"__float__": repr(x)}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (np.integer, np.floating, np.bool_)):
+            return enc(x.item())
+        raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint's training state")
+
+    return enc(obj), tensors
+
+
+def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return decode_state(obj["__ndarray__"], tensors).numpy().astype(obj["dtype"])
+    if "__dict__" in obj:
+        return {k: decode_state(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__items__" in obj:
+        return {decode_state(k, tensors): decode_state(v, tensors) for k, v in obj["__items__"]}
+    if "__tuple__" in obj:
+        return tuple(decode_state(v, tensors) for v in obj["__tuple__"])
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    raise CheckpointError(f"unknown entry in a training state: {sorted(obj)}")
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    structure, tensors = encode_state(state)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(structure))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / STATE_TENSORS)) if (folder / STATE_TENSORS).is_file() else {}
+    return decode_state(json.loads((folder / STATE_JSON).read_text()), tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integrity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    return (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=0, sort_keys=True))
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming ``folder`` and the file when a file is missing or its checksum
+    differs from the one written at save time (a truncated or corrupted checkpoint)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: no {CHECKSUMS}")
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {folder}: {CHECKSUMS} is corrupt ({e})") from None
+    for name, digest in sums.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its checksum")
 
 
 def _fsync_tree(path: Path) -> None:
@@ -47,13 +179,58 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsynced and renamed: never half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# disk space
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes one checkpoint takes: the weights as stored plus the optimizer state (AdamW: two fp32 moments per
+    trainable parameter when none exists yet)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moments = 2 * 4 * trainable
+    if optimizer is not None and optimizer.state:
+        moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))  # fmt: skip
+    return weights + moments
+
+
+def check_free_space(path: str | Path, needed: int, what: str = "a checkpoint") -> None:
+    """Raise :class:`DiskFullError` when the file system of ``path`` has less than ``needed`` bytes free."""
+    path = Path(path)
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DiskFullError(
+            f"not enough disk space at {path} for {what}: needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save, find, load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-")[-1])
+
+
+def _run_id_of(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / STATE_JSON).read_text())["__dict__"].get("run_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def save_checkpoint(
@@ -66,40 +243,56 @@ def save_checkpoint(
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep_last: int | None = 2,
+    run_id: str | None = None,
 ) -> Path:
-    """Write `checkpoint-STEP` atomically and point `latest` at it; keep the newest `keep_last`."""
+    """Write `checkpoint-STEP` atomically and point `latest` at it; keep the newest `keep_last` checkpoints of
+    run ``run_id`` (others in the folder are never touched). A save that fails for lack of space removes its
+    partial folder and raises :class:`DiskFullError`; the previous checkpoint stays intact."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
+    needed = estimate_checkpoint_bytes(model, optimizer)
+    check_free_space(run_dir, needed, f"checkpoint-{step}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        full = {
             "step": step,
+            "run_id": run_id,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             **(state or {}),
-        },
-        tmp / STATE_FILE,
-    )
-    _fsync_tree(tmp)
+        }
+        write_state(tmp, full)
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC and "enforce fail" not in str(e):
+            raise
+        if not isinstance(e, OSError) and "enforce fail" not in str(e) and "No space" not in str(e):
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise DiskFullError(f"disk full at {run_dir}: checkpoint-{step} needed ~{needed / 1e9:.2f} GB{kept}") from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(run_dir / "latest", final.name)
+    write_atomic(run_dir / "latest", final.name)
     if keep_last:
-        ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in ckpts[:-keep_last]:
+        mine = [p for p in run_dir.glob("checkpoint-*") if _run_id_of(p) == run_id]
+        for old in sorted(mine, key=_step_of)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, else the highest-step complete one (not verified: see `find_resumable`)."""
     run_dir = Path(run_dir)
     pointer = run_dir / "latest"
     if pointer.is_file():
@@ -107,34 +300,74 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if (p / STATE_FILE).is_file():
             return p
     ckpts = [p for p in run_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    return max(ckpts, key=_step_of) if ckpts else None
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies. A corrupt newer one (`latest` included) is reported
+    on stderr by path and skipped; None when the folder has no checkpoint at all. Raises
+    :class:`CheckpointError` when checkpoints exist but none is intact."""
+    run_dir = Path(run_dir)
+    first = latest_checkpoint(run_dir)
+    others = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of, reverse=True)
+    candidates = ([first] if first is not None else []) + [p for p in others if p != first]
+    problems = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            print(f"[alignkit] WARNING: {e}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        return ckpt
+    if problems:
+        raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+    return None
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameter names the model ties to another (only when its config really ties the embeddings)."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    if not getattr(text, "tie_word_embeddings", False):
+        return set()
+    keys = getattr(model, "_tied_weights_keys", None) or []  # a list, or (transformers 5) {target: source}
+    return set(keys) | {"lm_head.weight"}
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load the safetensors weights of a checkpoint into an already built model (full or peft adapter)."""
+    """Load the safetensors weights of a checkpoint into an already built model (full or peft adapter); refuse
+    weights that do not fit the model (a missing untied head included) or that are not finite."""
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
     if (ckpt / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        sd = load_file(ckpt / "adapter_model.safetensors")
+        _check_finite(sd, ckpt)
+        set_peft_model_state_dict(model, sd)
         return
-    files = sorted(ckpt.glob("*.safetensors"))
+    files = sorted(p for p in ckpt.glob("*.safetensors") if p.name != STATE_TENSORS)
     if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {ckpt}")
+        raise CheckpointError(f"no .safetensors weights in {ckpt}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(f))
+    _check_finite(sd, ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def _check_finite(sd: dict[str, torch.Tensor], ckpt: Path) -> None:
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
 
 
 def load_checkpoint(
@@ -144,9 +377,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `ckpt`; returns the saved state dict."""
+    """Verify ``ckpt``, then restore weights, optimizer, scheduler and RNG; returns the saved state dict."""
     ckpt = Path(ckpt)
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    verify_checkpoint(ckpt)
+    state = read_state(ckpt)
     if model is not None:
         load_model_weights(model, ckpt)
     if optimizer is not None and state.get("optimizer") is not None:

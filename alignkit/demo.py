@@ -104,6 +104,7 @@ def grpo_stage(cfg: DemoConfig, model: torch.nn.Module, tokenizer: Any, train_ro
     before = sampled_reward()
     grpo = GRPOConfig(
         output_dir=str(Path(cfg.output_dir) / "grpo"),
+        overwrite=True,  # rerunning the demo replaces its previous run
         chat_format=FORMAT,
         rewards=["math_answer"],
         group_size=8,
@@ -149,6 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     print(f"[demo] held-out exact match before training: {before:.1%}")
     sft = SFTConfig(
         output_dir=cfg.output_dir,
+        overwrite=True,  # rerunning the demo replaces its previous run
         chat_format=FORMAT,
         packing=True,
         pack_tokens=cfg.batch_size * 24,

@@ -251,6 +251,12 @@ class _ChunkedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logps, g_entropy, g_sq, g_mean, _g_top1):
+        # fp32 tiles even when backward is called inside a bf16 autocast region (the kernel picks its own dtype)
+        with torch.autocast(device_type=ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedHeadLogps._backward(ctx, g_logps, g_entropy, g_sq, g_mean)
+
+    @staticmethod
+    def _backward(ctx, g_logps, g_entropy, g_sq, g_mean):  # noqa: ANN001, ANN205
         hidden, weight, bias, targets, valid, *stat_vals = ctx.saved_tensors
         cfg: _HeadCfg = ctx.cfg
         stats = dict(zip(ctx.stat_keys, stat_vals))
@@ -367,6 +373,9 @@ def chunked_token_logps(
         and hidden.shape[0] * V * _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype)).itemsize
         <= keep_logits_mb * 2**20,
     )
-    outs = _ChunkedHeadLogps.apply(hidden, weight, bias, targets, cfg)
+    # The kernel computes in (at least) fp32 by itself; a surrounding bf16 autocast (precision=bf16-mixed) must not
+    # round its logit tiles (docs/LOSSES.md: log-prob math in fp32).
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        outs = _ChunkedHeadLogps.apply(hidden, weight, bias, targets, cfg)
     named = dict(zip(("logps", *EXTRAS), outs))
     return {k: named[k] for k in ("logps", *extras)}

@@ -8,12 +8,15 @@ device until the step's one host sync in :meth:`StepMetrics.result`) and writes 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from alignkit.checkpoint import write_atomic
 
 __all__ = ["StepMetrics", "MetricsLog", "read_metrics"]
 
@@ -45,6 +48,10 @@ class StepMetrics:
                 self.sums[k] = self.sums[k] + v * vals[w] if k in self.sums else v * vals[w]
                 self.counts[k] = self.counts[k] + vals[w] if k in self.counts else vals[w]
 
+    def total(self, key: str) -> Tensor | None:
+        """The summed value of ``key`` so far, on its device (no host sync); None if never added."""
+        return self.sums.get(key)
+
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for k, v in self.sums.items():
@@ -64,10 +71,10 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [
-                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # keep the records up to the resumed step; a partial last line (a kill mid-write) is dropped, and the
+            # file is replaced atomically so a second crash cannot lose the kept records
+            kept = [r for r in _parse_lines(self.path) if r.get("step", 0) <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a")
@@ -92,6 +99,21 @@ class MetricsLog:
             self._tb.close()
 
 
+def _parse_lines(path: Path) -> list[dict[str, Any]]:
+    records = []
+    lines = path.read_text().splitlines()
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not a JSON record") from None
+            print(f"[alignkit] {path}: dropping a partial last line (a run stopped mid-write)", file=sys.stderr)
+    return records
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The records of ``RUN_DIR/metrics.jsonl`` (a partial last line, from a run killed mid-write, is dropped)."""
+    return _parse_lines(Path(run_dir) / "metrics.jsonl")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from alignkit.data.collate import pad_collate
+from alignkit.hardware import to_device
 from alignkit.logprobs import DEFAULT_TOKEN_CHUNK, IGNORE_INDEX, chunked_token_logps
 from alignkit.losses.preference import ld_token_weights, wpo_sequence_weights
 from alignkit.models import eval_mode
@@ -243,8 +244,10 @@ def batch_sequence_logps(
         `ld_sum` (if `ld_alpha`): LD-DPO `Σ_{k_t≤ℓ_s} ℓ_t + α·Σ_{k_t>ℓ_s} ℓ_t`, ℓ_s = `batch["pair_min_lengths"]`
         (token weights from `losses.preference.ld_token_weights`);
         `wpo` (if `wpo`): no-grad WPO weight `exp(mean_t (ℓ_t − log Σ_v p_v²))` (`wpo_sequence_weights`).
-    Gradients flow through `sum` and `ld_sum` when the caller has grad enabled.
+    Gradients flow through `sum` and `ld_sum` when the caller has grad enabled. The batch's tensors are moved to
+    the model's device.
     """
+    batch = to_device(batch, next(model.parameters()).device)
     out = model_token_logps(
         model,
         batch["input_ids"],

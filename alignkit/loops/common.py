@@ -15,9 +15,15 @@ A loop is, top to bottom::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import random
+import shutil
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +31,18 @@ from typing import Any
 
 import torch
 
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit import hardware
+from alignkit.checkpoint import (
+    check_free_space,
+    estimate_checkpoint_bytes,
+    find_resumable,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    write_atomic,
+)
+from alignkit.config import ConfigError
+from alignkit.errors import TrainingDiverged
 from alignkit.metrics import MetricsLog
 from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
 from alignkit.reference import Reference, ReferenceInputs, build_reference
@@ -44,7 +61,26 @@ def load_policy(
         model, tokenizer = load(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, **load_kw)
     if tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
-    return model, tokenizer
+    return place_model(model, cfg), tokenizer
+
+
+def place_model(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """The one place a loop's model meets the hardware: ``cfg.device``, bf16 weights for ``precision=bf16``,
+    activation checkpointing, compiled decoder layers (see :mod:`alignkit.hardware`)."""
+    model = model.to(hardware.resolve_device(cfg.device))
+    if cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        hardware.apply_activation_checkpointing(model)
+    if cfg.compile:
+        hardware.compile_layers(model)
+    return model
+
+
+def precision(cfg: Any, model: torch.nn.Module) -> Any:  # noqa: ANN401
+    """The forward context of ``cfg.precision`` on the model's device: bf16 autocast for ``bf16-mixed`` (the
+    policy's, the reference's and generation's forwards alike), nothing otherwise."""
+    return hardware.autocast(getattr(cfg, "precision", "fp32"), next(model.parameters()).device)
 
 
 def maybe_add_lora(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
@@ -109,10 +145,13 @@ def plan_steps(
     return plan, total
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):  # noqa: ANN201
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+def make_optimizer(model: torch.nn.Module | Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0,
+                   betas=(0.9, 0.999)):  # noqa: ANN001, ANN201  # fmt: skip
+    """AdamW over trainable parameters (of a model, or the tensors given, e.g. fp32 master copies); no weight decay
+    on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -205,10 +244,75 @@ def _token_windows(order: list[int], lengths: Sequence[int], budget: int) -> lis
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Keys that change how a run is watched or stored, not what it computes: a resume may change them freely.
+OBSERVATION_KEYS = frozenset(
+    {"resume", "overwrite", "allow_config_change", "progress", "tensorboard", "log_every", "save_every",
+     "keep_last", "output_dir", "eval_every", "eval_rows", "eval_dataset", "eval_split", "max_nonfinite_steps",
+     "reference_cache_dir", "backend_kwargs", "max_reward_failures"}
+)  # fmt: skip
+RUN_FILE = "run.json"
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def prepare_run_dir(cfg: Any) -> str:
+    """Check ``cfg.output_dir`` before anything is loaded, and return the run's id.
+
+    A fresh run (``resume=false``) refuses a folder that already holds files unless ``overwrite=true``, which
+    clears it first. A resumed run compares ``cfg`` with the config saved in ``RUN_DIR/run.json`` and refuses
+    keys that change the trajectory (anything outside :data:`OBSERVATION_KEYS`) unless they are listed in
+    ``allow_config_change`` (``["all"]`` accepts any). The folder must be writable. Writes ``run.json`` (run id,
+    loop config, command line) for a fresh run.
+    """
+    run_dir = Path(cfg.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={str(run_dir)!r} is not writable ({e.strerror or e})") from None
+    entries = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
+    saved_path = run_dir / RUN_FILE
+    if cfg.resume and entries:
+        if not saved_path.is_file():
+            raise ConfigError(f"resume=true, but output_dir={str(run_dir)!r} holds no {RUN_FILE}: not an alignkit run")
+        saved = json.loads(saved_path.read_text())
+        now, before = _config_dict(cfg), saved.get("config", {})
+        changed = sorted(k for k in set(now) | set(before) if k not in OBSERVATION_KEYS and now.get(k) != before.get(k))
+        allowed = set(getattr(cfg, "allow_config_change", []) or [])
+        refused = [k for k in changed if k not in allowed and "all" not in allowed]
+        if refused:
+            diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused)
+            raise ConfigError(
+                f"resume: the config differs from the run's saved config in keys that change the trajectory "
+                f"({diffs}); pass allow_config_change={','.join(refused)} to accept"
+            )
+        if changed:
+            print(f"[alignkit] resume with changed config keys (allowed): {', '.join(changed)}", file=sys.stderr)
+        return str(saved["run_id"])
+    if entries and not cfg.resume:
+        if not getattr(cfg, "overwrite", False):
+            what = ", ".join(sorted(p.name for p in entries)[:5]) + (" ..." if len(entries) > 5 else "")
+            raise ConfigError(
+                f"output_dir={str(run_dir)!r} already holds files ({what}); pass resume=true to continue that run "
+                "or overwrite=true to delete it and start anew"
+            )
+        for p in run_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    run_id = uuid.uuid4().hex
+    record = {"run_id": run_id, "loop": type(cfg).__name__, "config": _config_dict(cfg), "command": sys.argv}
+    write_atomic(saved_path, json.dumps(record, indent=2))
+    return run_id
+
+
 @dataclass
 class Run:
     """What a loop sets up before its first step. ``start`` is the first step to run (0, or the resumed
-    checkpoint's step); ``state`` holds the resumed checkpoint's saved entries ({} for a fresh run)."""
+    checkpoint's step); ``state`` holds the resumed checkpoint's saved entries ({} for a fresh run);
+    ``nonfinite_steps`` / ``nonfinite_streak`` count updates skipped for a non-finite loss or gradient."""
 
     cfg: Any
     total_steps: int
@@ -218,25 +322,50 @@ class Run:
     log: MetricsLog
     start: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    nonfinite_steps: int = 0
+    nonfinite_streak: int = 0
+    skipped: bool = False  # the last optimizer step was skipped
+    master: hardware.MasterWeights | None = None  # fp32 master weights (precision=bf16)
 
 
 def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, betas=(0.9, 0.999)) -> Run:  # noqa: ANN001
     """AdamW (``make_optimizer``) and the warmup + ``cfg.schedule`` LR schedule over ``total_steps``; with
-    ``cfg.resume``, weights, optimizer, schedule and RNG restored from ``cfg.output_dir``'s latest checkpoint;
-    the metrics log (truncated after the resumed step). ``cfg`` needs ``output_dir, lr, weight_decay,
-    schedule, warmup_steps, min_lr_ratio, resume, tensorboard``."""
+    ``cfg.resume``, weights, optimizer, schedule and RNG restored from ``cfg.output_dir``'s newest intact
+    checkpoint (a corrupt one is reported and skipped); the metrics log (truncated after the resumed step).
+    Refuses to start without room for two checkpoints. ``cfg`` needs the ``OptimBlock`` and ``RunBlock`` keys."""
     run_dir = Path(cfg.output_dir)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, betas=betas)
+    run_id = (
+        prepare_run_dir(cfg)
+        if not (run_dir / RUN_FILE).is_file()
+        else json.loads((run_dir / RUN_FILE).read_text())["run_id"]
+    )
+    master = hardware.MasterWeights(model) if getattr(cfg, "precision", "fp32") == "bf16" else None
+    optimizer = make_optimizer(master.params if master else model, cfg.lr, cfg.weight_decay, betas=betas)
     schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt = find_resumable(run_dir) if cfg.resume else None
     state: dict[str, Any] = {}
     if ckpt is not None:
+        if master is not None:  # the optimizer's tensors are the master copies: fill them before its state
+            load_model_weights(model, ckpt)
+            master = hardware.MasterWeights(model)
+            optimizer = make_optimizer(master.params, cfg.lr, cfg.weight_decay, betas=betas)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        if master is not None and state.get("master") is not None:
+            master.load_state_dict(state["master"])  # exact fp32 values, not the bf16-rounded model weights
+        # the saved learning rate belongs to the saved schedule: recompute it from this run's (a changed max_steps
+        # allowed by allow_config_change must not leave the next step at the old schedule's rate)
+        lrs = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() reports; LambdaLR has no public setter
         print(f"[alignkit {name}] resumed from {ckpt} at step {state['step']}")
+    check_free_space(run_dir, 2 * estimate_checkpoint_bytes(model), "two checkpoints")
     start = int(state.get("step", 0))
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-    return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state)
+    return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state, run_id, master=master)
 
 
 def step_range(run: Run, desc: str) -> Iterable[int]:
@@ -249,16 +378,46 @@ def step_range(run: Run, desc: str) -> Iterable[int]:
     return tqdm(steps, initial=run.start, total=run.total_steps, desc=desc, unit="step")
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> tuple:
-    """Clip the trainable gradients (None: measure only), step, advance the schedule, zero the gradients.
-    Returns (grad_norm before clipping, learning rate the step used)."""
-    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), lr
+def optimizer_step(run: Run, model: torch.nn.Module, loss: torch.Tensor | float | None = None) -> tuple:
+    """Clip the trainable gradients (``cfg.max_grad_norm``; None: measure only), step, advance the schedule,
+    zero the gradients. Returns (grad_norm before clipping, learning rate the step used).
+
+    A non-finite ``loss`` or gradient norm skips the update (the schedule still advances, so the learning rate
+    stays a function of the step): counted in ``run.nonfinite_steps`` and logged with the step; more than
+    ``cfg.max_nonfinite_steps`` in a row raise :class:`TrainingDiverged` (the checkpoints on disk hold the
+    weights from before the first bad step)."""
+    cfg = run.cfg
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    if run.master is not None:
+        run.master.grads_to_master()
+    params = run.master.params if run.master is not None else [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    bad = not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(float(loss)))
+    run.skipped = bad
+    if bad:
+        run.nonfinite_steps += 1
+        run.nonfinite_streak += 1
+        limit = getattr(cfg, "max_nonfinite_steps", 3)
+        print(f"[alignkit] step {run.scheduler.last_epoch + 1}: non-finite loss {loss} or grad norm {grad_norm}: "
+              f"update skipped ({run.nonfinite_streak} in a row)", file=sys.stderr)  # fmt: skip
+        if run.nonfinite_streak > limit:
+            run.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"{run.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient norm (more than "
+                f"max_nonfinite_steps={limit}); the run stops. Its checkpoints in {run.run_dir} hold weights from "
+                "before the first bad step. Lower lr, check the data and rewards, or raise max_nonfinite_steps."
+            )
+    else:
+        run.nonfinite_streak = 0
+        run.optimizer.step()
+        if run.master is not None:
+            run.master.master_to_model()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.master is not None:
+        model.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def step_record(step: int, stats: dict[str, float], lr: float, grad_norm: float, t0: float, **counts: Any) -> dict:
@@ -282,7 +441,9 @@ def end_step(
     one, and any step with an ``eval_loss``), write an atomic checkpoint (every ``cfg.save_every`` steps and at
     the end) carrying ``extra_state(step)`` beside weights, optimizer, schedule and RNG, then call the callbacks."""
     cfg, done, total_steps = run.cfg, record["step"], run.total_steps
-    if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record:
+    if run.skipped or run.nonfinite_steps:
+        record.update(skipped_nonfinite=run.skipped, nonfinite_steps=run.nonfinite_steps)
+    if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record or run.skipped:
         run.log.log(record)
     if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
         save_checkpoint(
@@ -292,8 +453,12 @@ def end_step(
             tokenizer=tokenizer,
             optimizer=run.optimizer,
             scheduler=run.scheduler,
-            state=extra_state(done) if extra_state is not None else None,
+            state={
+                **(extra_state(done) if extra_state is not None else {}),
+                **({"master": run.master.state_dict()} if run.master is not None else {}),
+            },  # fmt: skip
             keep_last=cfg.keep_last,
+            run_id=run.run_id,
         )
     for cb in callbacks:
         cb(done, record)

@@ -3,14 +3,22 @@
 A loop config is a dataclass inheriting the blocks it needs (``class SFTConfig(ModelBlock, DataBlock, ...)``)
 plus its own keys; a loop changes a shared key's default by re-declaring it with a new default only. Keys stay
 flat (``lr=1e-5``, not ``optim.lr``), so YAML files, ``key=value`` overrides and strict-key errors are as before.
+
+Every block checks its own keys in a ``check`` method; :class:`Checked` runs all of them when a config is built,
+so a bad value (a range, an enum, a missing name) is refused with the key named before any model is loaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from alignkit.config import ConfigError
 
 __all__ = [
+    "Checked",
+    "require",
     "ModelBlock",
     "DataBlock",
     "EvalBlock",
@@ -23,12 +31,50 @@ __all__ = [
 ]
 
 
+def require(cfg: Any, ok: bool, key: str, expected: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, its value and the expectation unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{type(cfg).__name__}.{key}={getattr(cfg, key)!r}: expected {expected}")
+
+
+class Checked:
+    """Runs every block's ``check`` (each block checks its own keys) and the ``Literal`` choices of every key."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            tp = hints.get(f.name)
+            if typing.get_origin(tp) is Literal:
+                choices = typing.get_args(tp)
+                require(self, getattr(self, f.name) in choices, f.name, f"one of {list(choices)}")
+        for cls in reversed(type(self).__mro__):
+            check = cls.__dict__.get("check")
+            if check is not None:
+                check(self)
+
+
 @dataclass
-class ModelBlock:
+class ModelBlock(Checked):
     model: str = ""  # HF id or local folder (ignored when a model object is passed to the train function)
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16 | float16
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | ...
     token_chunk: int = 2048  # tokens per tile of the chunked LM-head log-prob computation
+    device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"  # see alignkit.hardware
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
+    compile: bool = False  # torch.compile each decoder layer
+
+    def check(self) -> None:
+        from alignkit.models import resolve_dtype
+
+        dev = self.device
+        require(self, dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", "auto, cpu, cuda or cuda:N")
+
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError:
+            require(self, False, "dtype", "float32, bfloat16, float16 or auto")
+        require(self, self.token_chunk >= 1, "token_chunk", "an integer >= 1")
 
 
 @dataclass
@@ -38,6 +84,9 @@ class DataBlock:
     chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
     max_length: int | None = 1024  # tokens per sequence (prompt + completion)
 
+    def check(self) -> None:
+        require(self, self.max_length is None or self.max_length >= 1, "max_length", "an integer >= 1 (or none)")
+
 
 @dataclass
 class EvalBlock:
@@ -46,6 +95,10 @@ class EvalBlock:
     eval_rows: int | None = 256  # cap on evaluation rows
     eval_every: int | None = None  # steps between evaluations
 
+    def check(self) -> None:
+        require(self, self.eval_rows is None or self.eval_rows >= 1, "eval_rows", "an integer >= 1 (or none)")
+        require(self, self.eval_every is None or self.eval_every >= 1, "eval_every", "an integer >= 1 (or none)")
+
 
 @dataclass
 class BatchBlock:
@@ -53,6 +106,12 @@ class BatchBlock:
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: float = 1.0
     max_steps: int | None = None  # cap on optimizer steps (None: the epochs decide)
+
+    def check(self) -> None:
+        require(self, self.batch_size >= 1, "batch_size", "an integer >= 1")
+        require(self, self.grad_accum >= 1, "grad_accum", "an integer >= 1")
+        require(self, self.epochs > 0, "epochs", "a number > 0")
+        require(self, self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1 (or none)")
 
 
 @dataclass
@@ -64,6 +123,13 @@ class OptimBlock:
     min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
     max_grad_norm: float | None = 1.0  # clip the gradient norm (None: measure only)
 
+    def check(self) -> None:
+        require(self, self.lr > 0, "lr", "a learning rate > 0")
+        require(self, self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        require(self, self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        require(self, 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a fraction in [0, 1]")
+        require(self, self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "a number > 0 (or none)")
+
 
 @dataclass
 class LoRABlock:
@@ -71,6 +137,12 @@ class LoRABlock:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def check(self) -> None:
+        require(self, self.lora_r >= 0, "lora_r", "an integer >= 0 (0: no LoRA)")
+        require(self, self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        require(self, 0 <= self.lora_dropout < 1, "lora_dropout", "a probability in [0, 1)")
+        require(self, self.lora_r == 0 or bool(self.lora_targets), "lora_targets", "at least one module name")
 
 
 @dataclass
@@ -83,6 +155,17 @@ class RunBlock:
     resume: bool = False  # continue from RUN_DIR/latest if present
     tensorboard: bool = False  # mirror the metrics to RUN_DIR/tensorboard
     progress: bool = True  # tqdm progress bar
+    overwrite: bool = False  # a fresh run in a non-empty output_dir deletes what is there (else: refused)
+    allow_config_change: list[str] = field(default_factory=list)  # keys a resume may change ("all": any)
+    max_nonfinite_steps: int = 3  # non-finite losses / grad norms in a row (each update skipped) before the run stops
+
+    def check(self) -> None:
+        require(self, bool(self.output_dir), "output_dir", "a folder for the run")
+        require(self, self.log_every >= 1, "log_every", "an integer >= 1")
+        require(self, self.save_every is None or self.save_every >= 1, "save_every", "an integer >= 1 (or none)")
+        require(self, self.keep_last >= 1, "keep_last", "an integer >= 1")
+        require(self, self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "an integer >= 0")
+        require(self, not (self.resume and self.overwrite), "overwrite", "false when resume=true (one or the other)")
 
 
 @dataclass
@@ -93,6 +176,11 @@ class ReferenceBlock:
     tr_dpo_alpha: float = 0.6
     tr_dpo_sync_steps: int = 512
     temperature: float = 1.0  # log-probs of logits / temperature (policy and reference alike)
+
+    def check(self) -> None:
+        require(self, self.temperature > 0, "temperature", "a number > 0")
+        require(self, 0 < self.tr_dpo_alpha <= 1, "tr_dpo_alpha", "a number in (0, 1]")
+        require(self, self.tr_dpo_sync_steps >= 1, "tr_dpo_sync_steps", "an integer >= 1")
 
 
 @dataclass

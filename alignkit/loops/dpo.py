@@ -30,8 +30,8 @@ from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_pairs, pair_sequences, tokenize_pairs
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
-from alignkit.loops.config import OfflineConfig, ReferenceBlock
-from alignkit.losses.preference import LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
+from alignkit.losses.preference import CPO_LOSSES, LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import eval_mode, is_peft, pad_token_id
 from alignkit.ops import split_pairs
@@ -58,6 +58,20 @@ class DPOConfig(OfflineConfig, ReferenceBlock):
     simpo_margin: float = 0.5  # γ (logit units) for simpo and cpo's simpo form
     cpo_alpha: float = 0.0  # AlphaPO reward shape for cpo
     nll_coef: float = 1.0  # weight of the chosen NLL term in cpo
+
+    def check(self) -> None:
+        types = list(self.loss_type)
+        require(self, bool(types), "loss_type", "at least one loss type")
+        if self.loss == "cpo":
+            require(self, types[0] in CPO_LOSSES, "loss_type", f"a CPO form, one of {list(CPO_LOSSES)}")
+        elif self.loss == "dpo":
+            unknown = [t for t in types if t not in LOSS_TYPES]
+            require(self, not unknown, "loss_type", f"types of {list(LOSS_TYPES)} (unknown DPO loss_type {unknown})")
+        w = self.loss_weights
+        require(self, w is None or len(w) == len(types), "loss_weights", f"one weight per loss_type ({len(types)})")
+        require(self, self.beta > 0, "beta", "a number > 0")
+        require(self, 0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)")
+        require(self, self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "ld_alpha", "a weight in [0, 1] (or none)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,7 +187,8 @@ def evaluate(model, pairs: Sequence[dict[str, Any]], cfg: DPOConfig, reference, 
             batch = collate_pairs(
                 pairs[i : i + cfg.batch_size], pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length
             )
-            loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_tok)
+            with common.precision(cfg, model):
+                loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_tok)
             acc.add({"loss": loss, **metrics})
     return {f"eval_{k}": v for k, v in acc.result().items()}
 
@@ -195,6 +210,7 @@ def train_dpo(
         raise ValueError(f"loss={cfg.loss!r}; expected one of {list(PAIR_LOSSES)}")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     lora = cfg.lora_r > 0 or is_peft(model)
@@ -218,10 +234,11 @@ def train_dpo(
             chunk = pairs[i : i + cfg.batch_size]
             yield collate_pairs(chunk, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
 
-    reference, eval_reference = common.data_references(
-        kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=pair_sequences,
-        batches=batches, settings={"family": "pairs", **tok_kw},
-    )  # fmt: skip
+    with common.precision(cfg, model):
+        reference, eval_reference = common.data_references(
+            kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=pair_sequences,
+            batches=batches, settings={"family": "pairs", **tok_kw},
+        )  # fmt: skip
     print(f"[alignkit dpo] reference: {reference.info}")
     model = common.maybe_add_lora(model, cfg)
 
@@ -248,11 +265,12 @@ def train_dpo(
         n_tokens = 0
         for mb in micro:
             batch = collate_pairs(mb, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
-            loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_chosen_tok)
+            with common.precision(cfg, model):
+                loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_chosen_tok)
             loss.backward()
             acc.add({"loss": loss.detach(), **metrics})
             n_tokens += batch["n_tokens"]
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         done = step + 1
         reference.after_step(model, done)
 

@@ -32,7 +32,7 @@ import torch
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
 from alignkit.loops import common
-from alignkit.loops.config import OfflineConfig, ReferenceBlock
+from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
 from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
 from alignkit.metrics import StepMetrics
 from alignkit.models import eval_mode, is_peft, pad_token_id
@@ -49,6 +49,11 @@ class KTOConfig(OfflineConfig, ReferenceBlock):
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+
+    def check(self) -> None:
+        require(self, self.beta > 0, "beta", "a number > 0")
+        require(self, self.desirable_weight > 0, "desirable_weight", "a number > 0")
+        require(self, self.undesirable_weight > 0, "undesirable_weight", "a number > 0")
 
 
 _WEIGHTS = {
@@ -118,12 +123,14 @@ def evaluate(model, examples: Sequence[dict], cfg: KTOConfig, reference, bco_sta
     """Loss and side metrics over `examples` (z0 from all of them; BCO state used, not updated); `eval_` keys."""
     with eval_mode(model):
         chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
-        z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
+        with common.precision(cfg, model):
+            z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
         acc = _step_metrics()
         for mb in chunks:
-            loss, metrics, _ = _micro(
-                model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False
-            )
+            with common.precision(cfg, model):
+                loss, metrics, _ = _micro(
+                    model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False
+                )
             acc.add({"loss": loss, **metrics})
     return {f"eval_{k}": v for k, v in _finish(acc.result()).items()}
 
@@ -143,6 +150,7 @@ def train_kto(
         raise ValueError(f"loss={cfg.loss!r}; expected kto, apo_zero_unpaired or bco")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     kind = resolve_reference_kind(cfg.reference, lora=cfg.lora_r > 0 or is_peft(model))
@@ -170,10 +178,11 @@ def train_kto(
             if cfg.loss == "kto":
                 yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
 
-    reference, eval_reference = common.data_references(
-        kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=unpaired_sequences,
-        batches=batches, settings={"family": "unpaired", **tok_kw},
-    )  # fmt: skip
+    with common.precision(cfg, model):
+        reference, eval_reference = common.data_references(
+            kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=unpaired_sequences,
+            batches=batches, settings={"family": "unpaired", **tok_kw},
+        )  # fmt: skip
     print(f"[alignkit {cfg.loss}] reference: {reference.info}")
     model = common.maybe_add_lora(model, cfg)
 
@@ -195,16 +204,18 @@ def train_kto(
         t0 = time.perf_counter()
         micro = [[train[i] for i in mb] for mb in plan[step]]
         n_examples = float(sum(len(mb) for mb in micro))  # the global normaliser: examples in the step
-        z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
+        with common.precision(cfg, model):
+            z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
         acc = _step_metrics()
         n_tokens = 0
         for mb in micro:
             batch = _batch(mb, cfg, pad_id)
-            loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
+            with common.precision(cfg, model):
+                loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
             loss.backward()
             acc.add({"loss": loss.detach(), **metrics})
             n_tokens += batch["n_tokens"]
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         done = step + 1
         reference.after_step(model, done)
 

@@ -25,9 +25,9 @@ from torch import Tensor
 from alignkit.data.loading import load_rows
 from alignkit.data.prompts import load_prompts, round_prompts
 from alignkit.loops import common
-from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock
+from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.advantages import ADVANTAGES
-from alignkit.losses.aggregation import step_normalizer
+from alignkit.losses.aggregation import AGGREGATIONS, step_normalizer
 from alignkit.losses.policy import pg_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import load_model_and_tokenizer, pad_token_id
@@ -99,6 +99,21 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
     token_chunk: int = 1024
     shared_prefix: bool = True  # score a group's completions with one pass over their shared prompt
     keep_logits_mb: float = 1024  # keep a micro-batch's LM-head logits up to this size for backward (0: recompute)
+
+    def check(self) -> None:
+        for key in ("group_size", "prompts_per_step", "steps_per_generation", "num_iterations", "micro_batch_size",
+                    "max_new_tokens", "max_steps"):  # fmt: skip
+            require(self, getattr(self, key) >= 1, key, "an integer >= 1")
+        require(
+            self, self.temperature > 0, "temperature", "> 0: RL samples, and the trainer scores at that temperature"
+        )
+        require(self, self.advantage in ADVANTAGES, "advantage", f"one of {sorted(ADVANTAGES)}")
+        require(self, self.agg in AGGREGATIONS, "agg", f"one of {sorted(AGGREGATIONS)}")
+        require(self, self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        require(self, 0 < self.top_p <= 1, "top_p", "a probability in (0, 1]")
+        folded = self.kl_placement == "reward" and self.kl_coef > 0
+        require(self, not (folded and self.multi_reward == "normalize_then_sum"), "multi_reward",
+                "sum_then_normalize when kl_placement='reward' folds the KL into one summed reward")  # fmt: skip
 
 
 def advantage_fn(cfg: RLConfig) -> Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]]:
@@ -173,15 +188,6 @@ def round_normalizer(batch: RolloutBatch, rows: Sequence[int], cfg: RLConfig) ->
 STEP_WEIGHTS = {"loss": None, "policy_loss": None, "n_tokens": None, "n_seqs": None}
 
 
-def _check(cfg: RLConfig) -> None:
-    if cfg.group_size < 1 or cfg.prompts_per_step < 1 or cfg.steps_per_generation < 1 or cfg.num_iterations < 1:
-        raise ValueError("group_size, prompts_per_step, steps_per_generation and num_iterations must be >= 1")
-    if cfg.temperature <= 0:
-        raise ValueError("temperature must be > 0: RL samples, and the trainer scores at the same temperature")
-    if cfg.kl_placement == "reward" and cfg.multi_reward == "normalize_then_sum" and cfg.kl_coef > 0:
-        raise ValueError("kl_placement='reward' folds the KL into one summed reward; use sum_then_normalize")
-
-
 def train_policy_gradient(
     cfg: RLConfig,
     *,
@@ -194,9 +200,9 @@ def train_policy_gradient(
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
 ) -> dict[str, Any]:
     """Run GRPO / RLOO (``name`` labels logs). See the module docstring for the order of operations."""
-    _check(cfg)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
     model = common.maybe_add_lora(model, cfg)
     pad_id = pad_token_id(tokenizer)
@@ -254,24 +260,25 @@ def train_policy_gradient(
                 generator.update_weights(model)
                 sync_s, stale = time.perf_counter() - t_sync, False
             idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
-            batch = make_round(
-                generator=generator,
-                tokenizer=tokenizer,
-                prompts=[prompts[i] for i in idx],
-                rewards=rewards,
-                group_size=cfg.group_size,
-                sampling=dict(
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
-                ),  # fmt: skip
-                stops=stops,
-                seed=cfg.seed * 7919 + rnd,
-                advantage_fn=advantage_fn(cfg),
-                old_logps_fn=functools.partial(frozen, model) if need_old else None,
-                reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,
-                kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
-                rollout_is=rollout_is,
-                mask_truncated=cfg.mask_truncated,
-            )
+            with common.precision(cfg, model):
+                batch = make_round(
+                    generator=generator,
+                    tokenizer=tokenizer,
+                    prompts=[prompts[i] for i in idx],
+                    rewards=rewards,
+                    group_size=cfg.group_size,
+                    sampling=dict(
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
+                    ),  # fmt: skip
+                    stops=stops,
+                    seed=cfg.seed * 7919 + rnd,
+                    advantage_fn=advantage_fn(cfg),
+                    old_logps_fn=functools.partial(frozen, model) if need_old else None,
+                    reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,
+                    kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
+                    rollout_is=rollout_is,
+                    mask_truncated=cfg.mask_truncated,
+                )
         # this step's slice of the round: whole groups, so each step sees complete groups
         chunk = k % cfg.steps_per_generation
         n = cfg.prompts_per_step * cfg.group_size
@@ -280,10 +287,11 @@ def train_policy_gradient(
         n_tokens = float(max(int((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum()), 1))
         acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
         for i in range(0, len(rows), cfg.micro_batch_size):
-            loss, metrics = micro_loss(model, batch, rows[i : i + cfg.micro_batch_size], cfg, normalizer, n_tokens)
+            with common.precision(cfg, model):
+                loss, metrics = micro_loss(model, batch, rows[i : i + cfg.micro_batch_size], cfg, normalizer, n_tokens)
             loss.backward()
             acc.add(metrics)
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         stale = True
 
         done = step + 1

@@ -25,7 +25,7 @@ from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.prm import IGNORE_INDEX, tokenize_prm_rows
 from alignkit.loops import common
-from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock
+from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.reward import prm_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import eval_mode, pad_token_id
@@ -46,6 +46,12 @@ class PRMConfig(ModelBlock, DataBlock, EvalBlock, BatchBlock, OptimBlock, RunBlo
     lr: float = 1e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     threshold: float = 0.5  # a step is predicted right when its probability exceeds this
+
+    def check(self) -> None:
+        require(self, 0 < self.threshold < 1, "threshold", "a probability in (0, 1)")
+        require(self, len(self.candidate_tokens) == 2, "candidate_tokens", "two tokens: [wrong, right]")
+        require(self, bool(self.step_separator), "step_separator", "a non-empty string")
+        require(self, self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
 
 
 def _auto_class(head: str) -> dict[str, Any]:
@@ -100,7 +106,8 @@ def evaluate(
         nll, probs, targets = 0.0, [], []
         for i in range(0, len(examples), cfg.eval_batch_size):
             batch = _batch(list(examples[i : i + cfg.eval_batch_size]), pad_id)
-            loss, _, logits = _micro_loss(model, batch, cand, normalizer=1.0)
+            with common.precision(cfg, model):
+                loss, _, logits = _micro_loss(model, batch, cand, normalizer=1.0)
             nll += float(loss)
             pos = batch["labels"] != IGNORE_INDEX
             probs.append(logits.float().softmax(-1)[:, 1].cpu())
@@ -124,6 +131,7 @@ def train_prm(
     with the last logged record and, when there is eval data, the final eval metrics."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer, **_auto_class(cfg.head))
     pad_id = pad_token_id(tokenizer)
     cand = candidate_ids(tokenizer, cfg.candidate_tokens) if cfg.head == "lm" else None
@@ -162,10 +170,11 @@ def train_prm(
         n_steps = sum(e["num_steps"] for mb in micro for e in mb)
         acc = StepMetrics({"loss": None, "n_steps": None}, "n_steps")
         for mb in micro:
-            loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
+            with common.precision(cfg, model):
+                loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
             loss.backward()
             acc.add({"loss": loss.detach(), **metrics})
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
         stats = acc.result()

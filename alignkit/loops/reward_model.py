@@ -23,7 +23,7 @@ from alignkit.data.loading import load_rows
 from alignkit.data.preference import tokenize_pairs as tokenize_preference_pairs
 from alignkit.data.rows import RowError
 from alignkit.loops import common
-from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock
+from alignkit.loops.config import BatchBlock, DataBlock, EvalBlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.reward import bradley_terry_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import eval_mode, pad_token_id
@@ -43,6 +43,9 @@ class RewardConfig(ModelBlock, DataBlock, EvalBlock, BatchBlock, OptimBlock, Run
     lr: float = 1e-4  # TRL's RewardConfig default
     use_margin: bool = True  # subtract the rows' `margin` column from r_c - r_r when the data has one
     center_coef: float | None = None  # reward centering c·(r_c + r_r)² (TRL center_rewards_coefficient)
+
+    def check(self) -> None:
+        require(self, self.center_coef is None or self.center_coef >= 0, "center_coef", "a number >= 0 (or none)")
 
 
 def _margins(rows: Sequence[Mapping[str, Any]], use: bool) -> list[float] | None:
@@ -105,7 +108,8 @@ def evaluate(model: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], cfg: Re
         acc = StepMetrics(STEP_WEIGHTS, "n_pairs")
         for i in range(0, len(pairs), cfg.batch_size):
             chunk = pairs[i : i + cfg.batch_size]
-            r_c, r_r, m = score_pairs(model, chunk, pad_id)
+            with common.precision(cfg, model):
+                r_c, r_r, m = score_pairs(model, chunk, pad_id)
             loss, met = bradley_terry_loss(r_c, r_r, margin=m, center_coef=cfg.center_coef, normalizer=len(pairs))
             acc.add({"loss": loss, **met})
     res = acc.result()
@@ -125,6 +129,7 @@ def train_reward(
     or let `cfg` name them. Returns a summary with the final step record."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer, loader=load_reward_model, seed=cfg.seed)
     pad_id = pad_token_id(tokenizer)
     if model.config.pad_token_id is None:  # saved checkpoints must work with HF's own pooling too
@@ -157,11 +162,12 @@ def train_reward(
         n_pairs = sum(len(mb) for mb in micro)
         acc = StepMetrics(STEP_WEIGHTS, "n_pairs")  # one host sync per step (the log), not per micro-batch
         for mb in micro:
-            r_c, r_r, margin = score_pairs(model, mb, pad_id)
+            with common.precision(cfg, model):
+                r_c, r_r, margin = score_pairs(model, mb, pad_id)
             loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
             loss.backward()
             acc.add({"loss": loss.detach(), **met})
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
         stats = {k: v for k, v in acc.result().items() if k in ("loss", *STEP_METRICS)}

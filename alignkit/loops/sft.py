@@ -21,6 +21,7 @@ import torch
 from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.tokenize import tokenize_dataset
+from alignkit.hardware import to_device
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
 from alignkit.loops.config import OfflineConfig
@@ -64,6 +65,7 @@ def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[
 
 def _micro_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: SFTConfig, normalizer: float):
     extras = ("mean_logp",) if cfg.label_smoothing > 0 else ()
+    batch = to_device(batch, next(model.parameters()).device)
     labels = batch.pop("labels")
     out = model_token_logps(model, labels=labels, extras=extras, token_chunk=cfg.token_chunk, **batch)
     return sft_loss(
@@ -84,7 +86,8 @@ def evaluate(model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: SF
         for i in range(0, len(examples), cfg.batch_size):
             chunk = list(examples[i : i + cfg.batch_size])
             tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in chunk)
-            loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id), cfg, normalizer=1.0)
+            with common.precision(cfg, model):
+                loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id), cfg, normalizer=1.0)
             total += float(loss)
             n += tokens
     return total / max(n, 1)
@@ -102,6 +105,7 @@ def train_sft(
     """Run SFT. Pass `model`/`tokenizer`/`train_data` objects, or let `cfg` name them. Returns a summary."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
     model = common.maybe_add_lora(model, cfg)
     pad_id = pad_token_id(tokenizer)
@@ -134,10 +138,11 @@ def train_sft(
         n_tokens = sum(len(e["input_ids"]) for mb in micro for e in mb)
         acc = StepMetrics()
         for mb in micro:
-            loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
+            with common.precision(cfg, model):
+                loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
             loss.backward()
             acc.add({"loss": loss.detach()})
-        grad_norm, lr = common.optimizer_step(model, run.optimizer, run.scheduler, cfg.max_grad_norm)
+        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
         counts = {"num_tokens": n_tokens, "num_trained_tokens": n_trained}

@@ -24,6 +24,7 @@ Only strings cross the HTTP route (vLLM's rule for ``/collective_rpc``), so serv
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -34,12 +35,32 @@ import torch
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)}
 
 
+# listening sockets of the stores this process serves (the store only borrows the file descriptor)
+_LISTENERS: dict[int, socket.socket] = {}
+
+
 def make_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """The rendezvous store: rank 0 (the trainer) serves it (``port=0`` picks a free port: ``store.port``)."""
+    """The rendezvous store: rank 0 (the trainer) serves it (``port=0`` picks a free port: ``store.port``).
+
+    The server listens on ``host`` only (loopback unless a host is configured): TCPStore's own server would
+    listen on every interface, so rank 0 binds the socket itself and hands the store its file descriptor."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout, wait_for_workers=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(max(world_size, 1) * 2)
+    bound_port = listener.getsockname()[1]
+    store = dist.TCPStore(
+        host, bound_port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+    )  # fmt: skip
+    _LISTENERS[bound_port] = listener
+    return store
 
 
 def make_group(backend: str, store: Any, host: str, rank: int, world_size: int, timeout_s: float) -> Any:
