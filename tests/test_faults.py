@@ -322,7 +322,7 @@ def test_pruning_never_deletes_a_checkpoint_of_another_run(tmp_path):
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
     out = tmp_path / "run"
     train_sft(_cfg(out, max_steps=5, schedule="linear"), model=_model(), tokenizer=TOK, train_data=ROWS)
-    with pytest.raises(ConfigError, match=r"max_steps: 5 -> 7.*allow_config_change=max_steps"):
+    with pytest.raises(ConfigError, match=r"5 -> 7 optimizer steps.*allow_config_change=max_steps"):
         train_sft(_cfg(out, max_steps=7, schedule="linear", resume=True), model=_model(), tokenizer=TOK,
                   train_data=ROWS)  # fmt: skip
     # allowed: the schedule is the new run's, so step 6 does not train at the old schedule's final lr of 0
@@ -330,6 +330,10 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
               model=_model(), tokenizer=TOK, train_data=ROWS)  # fmt: skip
     recs = {r["step"]: r for r in read_metrics(out)}
     assert recs[6]["lr"] > 0 and recs[7]["lr"] > 0
+    # other trajectory keys are refused before anything is loaded, naming them
+    with pytest.raises(ConfigError, match=r"lr: 0.003 -> 0.001.*allow_config_change=lr"):
+        train_sft(_cfg(out, max_steps=7, schedule="linear", resume=True, lr=1e-3), model=None, tokenizer=TOK,
+                  train_data=ROWS)  # fmt: skip
     # observation keys may change freely
     train_sft(_cfg(out, max_steps=7, schedule="linear", resume=True, allow_config_change=["max_steps"], log_every=3,
                    keep_last=4), model=_model(), tokenizer=TOK, train_data=ROWS)  # fmt: skip

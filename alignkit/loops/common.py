@@ -250,6 +250,7 @@ OBSERVATION_KEYS = frozenset(
      "keep_last", "output_dir", "eval_every", "eval_rows", "eval_dataset", "eval_split", "max_nonfinite_steps",
      "reference_cache_dir", "backend_kwargs", "max_reward_failures"}
 )  # fmt: skip
+LENGTH_KEYS = frozenset({"max_steps", "epochs"})
 RUN_FILE = "run.json"
 
 
@@ -281,7 +282,9 @@ def prepare_run_dir(cfg: Any) -> str:
             raise ConfigError(f"resume=true, but output_dir={str(run_dir)!r} holds no {RUN_FILE}: not an alignkit run")
         saved = json.loads(saved_path.read_text())
         now, before = _config_dict(cfg), saved.get("config", {})
-        changed = sorted(k for k in set(now) | set(before) if k not in OBSERVATION_KEYS and now.get(k) != before.get(k))
+        # max_steps / epochs are judged in start_run, against the learning rates the finished steps used
+        ignored = OBSERVATION_KEYS | LENGTH_KEYS
+        changed = sorted(k for k in set(now) | set(before) if k not in ignored and now.get(k) != before.get(k))
         allowed = set(getattr(cfg, "allow_config_change", []) or [])
         refused = [k for k in changed if k not in allowed and "all" not in allowed]
         if refused:
@@ -327,6 +330,7 @@ class Run:
     nonfinite_streak: int = 0
     skipped: bool = False  # the last optimizer step was skipped
     master: hardware.MasterWeights | None = None  # fp32 master weights (precision=bf16)
+    timer: hardware.StepTimer | None = None  # speed / memory of each step (made at the first end_step)
 
 
 def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, betas=(0.9, 0.999)) -> Run:  # noqa: ANN001
@@ -353,6 +357,7 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
             optimizer = make_optimizer(master.params, cfg.lr, cfg.weight_decay, betas=betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        _check_run_length(cfg, state, total_steps, schedule)
         if master is not None and state.get("master") is not None:
             master.load_state_dict(state["master"])  # exact fp32 values, not the bf16-rounded model weights
         # the saved learning rate belongs to the saved schedule: recompute it from this run's (a changed max_steps
@@ -366,6 +371,23 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     start = int(state.get("step", 0))
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
     return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state, run_id, master=master)
+
+
+def _check_run_length(cfg: Any, state: dict[str, Any], total_steps: int, schedule: Callable[[int], float]) -> None:
+    """A resumed run may be longer or shorter (``max_steps``, ``epochs``) when the steps already taken would have
+    had the same learning rates under the new length (a constant schedule, or still in warmup); otherwise the
+    change alters the trajectory and needs ``allow_config_change``."""
+    before = state.get("total_steps")
+    allowed = set(getattr(cfg, "allow_config_change", []) or [])
+    if before is None or before == total_steps or allowed & (LENGTH_KEYS | {"all"}):
+        return
+    old = lr_lambda(cfg.schedule, cfg.warmup_steps, int(before), cfg.min_lr_ratio)
+    if any(old(k) != schedule(k) for k in range(int(state["step"]))):
+        raise ConfigError(
+            f"resume: the run length changed ({before} -> {total_steps} optimizer steps, from max_steps / epochs), "
+            f"so the steps already taken would have had other learning rates under cfg.schedule={cfg.schedule!r}; "
+            "pass allow_config_change=max_steps to accept"
+        )
 
 
 def step_range(run: Run, desc: str) -> Iterable[int]:
@@ -441,6 +463,10 @@ def end_step(
     one, and any step with an ``eval_loss``), write an atomic checkpoint (every ``cfg.save_every`` steps and at
     the end) carrying ``extra_state(step)`` beside weights, optimizer, schedule and RNG, then call the callbacks."""
     cfg, done, total_steps = run.cfg, record["step"], run.total_steps
+    if run.timer is None:
+        run.timer = hardware.StepTimer(model, next(model.parameters()).device)
+    else:  # speed and memory of this step (the timer restarts after the bookkeeping below)
+        record.update(run.timer.stats(int(record.get("num_tokens", 0))))
     if run.skipped or run.nonfinite_steps:
         record.update(skipped_nonfinite=run.skipped, nonfinite_steps=run.nonfinite_steps)
     if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record or run.skipped:
@@ -454,11 +480,13 @@ def end_step(
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             state={
+                "total_steps": total_steps,  # a resume with another length checks the finished steps' lrs
                 **(extra_state(done) if extra_state is not None else {}),
                 **({"master": run.master.state_dict()} if run.master is not None else {}),
-            },  # fmt: skip
+            },
             keep_last=cfg.keep_last,
             run_id=run.run_id,
         )
     for cb in callbacks:
         cb(done, record)
+    run.timer.start()

@@ -32,7 +32,7 @@ from alignkit.losses.policy import pg_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import load_model_and_tokenizer, pad_token_id
 from alignkit.reference import ReferenceInputs, build_reference, default_rl_reference_kind
-from alignkit.reward_funcs import RewardSet
+from alignkit.reward_funcs import RewardSet, RewardState
 from alignkit.rollout import Generator, make_generator, stop_token_ids
 from alignkit.rollout.round import RolloutBatch, make_round
 from alignkit.scoring import completion_logps, frozen_completion_logps
@@ -53,6 +53,7 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
     # rewards: built-in names or dotted paths `pkg.module.fn`; weights default to 1
     rewards: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
+    max_reward_failures: int = 3  # stop when a reward raises on every sample of this many rounds in a row (0: never)
     # generation
     backend: str = "hf"  # hf | vllm_colocate | vllm_server, or a dotted path to a factory (GENERATOR_BACKENDS)
     backend_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"base_url": "http://127.0.0.1:8000"}
@@ -208,9 +209,13 @@ def train_policy_gradient(
     pad_id = pad_token_id(tokenizer)
     if not (reward_funcs or cfg.rewards):
         raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
-    rewards = RewardSet(list(reward_funcs) or cfg.rewards, cfg.reward_weights)
     rows = list(load_rows(train_data or cfg.dataset, cfg.dataset_split))
     prompts = load_prompts(rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length)
+    # built knowing the columns: a reward needing a parameter nobody passes is refused before any generation
+    rewards = RewardSet(
+        list(reward_funcs) or cfg.rewards, cfg.reward_weights, max_failed_steps=cfg.max_reward_failures,
+        columns={k for p in prompts for k in p.columns},
+    )  # fmt: skip
     per_round = cfg.prompts_per_step * cfg.steps_per_generation
     steps_per_round = cfg.steps_per_generation * cfg.num_iterations
     stops = stop_token_ids(model, tokenizer, cfg.stop_tokens)
@@ -260,6 +265,7 @@ def train_policy_gradient(
                 generator.update_weights(model)
                 sync_s, stale = time.perf_counter() - t_sync, False
             idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
+            rewards.trainer_state = RewardState(global_step=step, max_steps=cfg.max_steps)  # TRL-style rewards
             with common.precision(cfg, model):
                 batch = make_round(
                     generator=generator,

@@ -50,12 +50,10 @@ class SFTConfig(OfflineConfig):
 def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
     if cfg.packing:
         impl = cfg.attn_implementation or "sdpa"
-        # flash varlen: one padding-free row; dense sdpa/eager: rows of at most max_length (cost ~ R·L²)
-        b = (
-            pack_collate(examples)
-            if "flash" in impl
-            else pack_rows(examples, capacity=cfg.max_length, pad_token_id=pad_id)
-        )
+        # one padding-free row for kernels that keep documents apart at no cost (flash varlen, flex attention's
+        # document mask); rows of at most max_length for dense sdpa/eager, whose cost grows with the row length²
+        varlen = "flash" in impl or impl == "flex_attention"
+        b = pack_collate(examples) if varlen else pack_rows(examples, capacity=cfg.max_length, pad_token_id=pad_id)
         kw = packed_forward_kwargs(b, impl)
         kw.pop("use_cache", None)
         return {**kw, "labels": b["labels"]}

@@ -5,7 +5,8 @@
     R, metrics = rs(prompts, completions, completion_ids, answer=answers)   # R [N,2] float32, NaN = None/failed
     A, _ = grpo_advantages(R, group_size=G, reward_weights=rs.weights)
 
-A reward is ``f(prompts, completions, completion_ids, **columns) -> list[float | None]`` (sync or ``async``).
+A reward is ``f(prompts, completions, completion_ids, **columns) -> list[float | None]`` (sync or ``async``), or a
+TRL-style ``f(completions, **kwargs)`` called with keywords (detected from the signature; see ``core``).
 Built-ins by name: ``math_answer``, ``format``, ``overlong`` / ``length``, ``reward_model``; anything else by
 dotted path ``"package.module:function"``.
 """
@@ -15,6 +16,7 @@ from alignkit.reward_funcs.core import (
     REWARDS,
     RewardFunc,
     RewardSet,
+    RewardState,
     combine_rewards,
     get_reward,
     register_reward,
@@ -35,6 +37,7 @@ __all__ = [
     "REWARDS",
     "RewardFunc",
     "RewardSet",
+    "RewardState",
     "answers_match",
     "combine_rewards",
     "extract_boxed",

@@ -58,7 +58,8 @@ def score_completions(
     stops: Sequence[int],
 ) -> tuple[Tensor, dict[str, Any]]:
     """Rewards ``[N,K]`` (and their metrics) of ``n`` completions per prompt, groups contiguous: each reward gets
-    the prompts, the decoded texts (trailing stop token cut), the ids and the rows' other columns."""
+    the prompts, the decoded texts (trailing stop token cut; TRL-style rewards get them as assistant messages when
+    the prompt is conversational), the ids and the rows' other columns."""
     stop_set = set(stops)
     texts = tokenizer.batch_decode(
         [c[:-1] if c and c[-1] in stop_set else c for c in completion_ids], skip_special_tokens=True
@@ -182,5 +183,6 @@ def evaluate_rewards(
         [p.ids for p in prompts], n=n, max_new_tokens=max_new_tokens, temperature=temperature,
         stop_token_ids=stops, seed=seed,
     )  # fmt: skip
-    _, metrics = score_completions(RewardSet(list(reward_funcs)), tokenizer, prompts, ro.completion_ids, n, stops)
+    rewards = RewardSet(list(reward_funcs), columns={k for p in prompts for k in p.columns})
+    _, metrics = score_completions(rewards, tokenizer, prompts, ro.completion_ids, n, stops)
     return {k: float(v) for k, v in metrics.items()}
