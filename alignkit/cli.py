@@ -1,11 +1,22 @@
-"""Command line: `alignkit sft --config file.yaml key=value ...`, `alignkit plot RUN_DIR`, `alignkit demo`."""
+"""Command line: `alignkit sft --config file.yaml key=value ...`, `alignkit plot RUN_DIR`, `alignkit demo`.
+
+A command that fails on its input (config, data files, rows) or cannot go on (:class:`AlignkitError`) prints one
+line, ``alignkit CMD: error: MESSAGE``, to stderr and exits non-zero: 2 for input errors, 1 for run-time errors.
+Row errors name the file and line they came from. ``--debug`` (before or after the command) shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from alignkit.config import ConfigError, load_config
+from alignkit.data.loading import track_sources
+from alignkit.data.rows import RowError
+from alignkit.errors import AlignkitError
 
 # command -> (module, config dataclass, run function); imported only when that command runs
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -26,16 +37,46 @@ def _available() -> dict[str, tuple[str, str, str]]:
     return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
+# errors about what the user gave (config, files, rows): one line, exit 2; never a programming error's TypeError
+INPUT_ERRORS = (RowError, ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " | ".join(lines) or type(e).__name__
+
+
+def _run(command: str, debug: bool, fn: Callable[[], Any]) -> int:
+    """Run ``fn``; an input or run-time error is one stderr line (its row located in the file it came from)."""
+    with track_sources() as sources:
+        try:
+            fn()
+        except (AlignkitError, *INPUT_ERRORS) as e:
+            located = sources.locate(e) if isinstance(e, RowError) else e
+            if debug:
+                if located is e:
+                    raise
+                raise located from e
+            print(f"alignkit {command}: error: {_one_line(located)}", file=sys.stderr)
+            return 1 if isinstance(e, AlignkitError) else 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="alignkit", description="post-training in plain PyTorch")
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # also after the command; SUPPRESS keeps a subcommand's default from overwriting `alignkit --debug CMD`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = _available()
     for name in commands:
-        p = sub.add_parser(name, help=f"run `{name}` (config keys as key=value)")
+        p = sub.add_parser(name, parents=[common], help=f"run `{name}` (config keys as key=value)")
         p.add_argument("--config", help="YAML file of config keys")
         p.add_argument("overrides", nargs="*", help="key=value pairs overriding the config file")
-    p = sub.add_parser("plot", help="plot RUN_DIR/metrics.jsonl to a PNG")
+    p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -43,19 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from alignkit.plot import plot_run
 
-        print(plot_run(args.run_dir, args.out))
-        return 0
+        return _run("plot", args.debug, lambda: print(plot_run(args.run_dir, args.out)))
     import importlib
 
     module_name, config_name, run_name = commands[args.command]
     module = importlib.import_module(module_name)
-    try:
+
+    def run() -> None:
         cfg = load_config(getattr(module, config_name), args.config, args.overrides)
-    except ConfigError as e:
-        print(f"alignkit {args.command}: {e}", file=sys.stderr)
-        return 2
-    getattr(module, run_name)(cfg)
-    return 0
+        getattr(module, run_name)(cfg)
+
+    return _run(args.command, args.debug, run)
 
 
 if __name__ == "__main__":

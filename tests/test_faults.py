@@ -396,3 +396,24 @@ def test_weight_sync_store_listens_on_loopback_only():
     store.set("k", b"v")
     assert client.get("k") == b"v"
     assert _listening(store.port) == ["0100007F"]  # 127.0.0.1 only, not 0.0.0.0 / ::
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewards that break (the full set is tests/test_reward_failures.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_an_inf_reward_stops_grpo_with_an_error_naming_the_reward(tmp_path):
+    from alignkit.loops.grpo import GRPOConfig, train_grpo
+
+    def exploding(prompts, completions, completion_ids, **columns):  # noqa: ANN001, ANN202
+        return [float("inf")] + [0.0] * (len(completions) - 1)
+
+    end = TOK.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(tiny_llama_config(len(TOK), hidden=32, layers=2, eos_token_id=end), seed=0)
+    cfg = GRPOConfig(output_dir=str(tmp_path / "g"), group_size=2, prompts_per_step=2, max_new_tokens=3,
+                     max_steps=2, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="exploding.*inf"):
+        train_grpo(cfg, model=model, tokenizer=TOK, train_data=[{"prompt": f"q{i}:"} for i in range(4)],
+                   reward_funcs=[exploding])  # fmt: skip
+    assert not list((tmp_path / "g").glob("checkpoint-*"))  # nothing trained on it

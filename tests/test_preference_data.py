@@ -102,7 +102,7 @@ def test_implicit_prompt_keeps_one_message_when_one_side_extends_the_other():
         ({"prompt": "x", "chosen": "", "rejected": "z"}, "chosen"),
         (
             {"prompt": [U("x")], "chosen": [{"role": "robot", "content": "y"}], "rejected": [A("z")]},
-            "completion[0].role",
+            "chosen[0].role",  # the row's own name, never an internal completion
         ),
     ],
 )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from alignkit.data.collate import pack_best_fit_decreasing, pack_rows, pad_collate
-from alignkit.data.rows import RowError, normalize_row
+from alignkit.data.rows import RowError, Verbatim, check_messages, check_turns, prompt_completion_sample
 from alignkit.data.tokenize import IGNORE_INDEX, encode_samples, resolve_format, tokenizer_switches
 from alignkit.ops import split_pairs
 
@@ -83,10 +83,20 @@ def extract_prompt(chosen: Content, rejected: Content, index: int | None = None)
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _check_chat(fields: Mapping[str, Any], index: int | None, explicit: bool) -> dict[str, Any]:
+    """Validate conversational fields by the names the row gives them, before any prompt is split off, so
+    that an error names ``chosen[1].role``, never an internal completion. Returns cleaned copies."""
+    out = {k: check_messages(v, index, k, alternate=not explicit) for k, v in fields.items()}
+    if explicit:
+        for k in ("chosen", "rejected"):
+            check_turns([("prompt", out["prompt"]), (k, out[k])], index)
+    return out
+
+
 def normalize_preference_row(row: Mapping[str, Any], index: int | None = None) -> tuple[Content, Content, Content]:
     """A paired row -> (prompt, chosen, rejected), all strings or all message lists (implicit prompt extracted)."""
     if not isinstance(row, Mapping):
-        raise RowError(index, "<row>", "a dict", type(row))
+        raise RowError(index, None, "a dict (one object per row)", type(row))
     for key in ("chosen", "rejected"):
         if key not in row or row[key] is None:
             raise RowError(index, key, "a string or a list of messages", "missing")
@@ -98,28 +108,52 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | None = None) -
             raise RowError(index, k, "a string or a list of {'role', 'content'} dicts", type(fields[k]))
     if len(set(kinds.values())) > 1:
         raise RowError(index, "/".join(fields), "all strings or all lists of messages (not mixed)", kinds)
-    if prompt is None:
-        return extract_prompt(chosen, rejected, index)
     for k in ("chosen", "rejected"):
         if len(fields[k]) == 0:
             raise RowError(index, k, "a non-empty completion", fields[k])
-    return prompt, chosen, rejected
+    if kinds["chosen"] == "chat":
+        fields = _check_chat(fields, index, explicit=prompt is not None)
+    if prompt is None:
+        return extract_prompt(fields["chosen"], fields["rejected"], index)
+    return fields["prompt"], fields["chosen"], fields["rejected"]
+
+
+def _is_label(x: Any) -> bool:
+    # 0/1 and 0.0/1.0 too: a label column with a missing value reads back as floats
+    return isinstance(x, bool) or (isinstance(x, (int, float)) and x in (0, 1))
 
 
 def _unpaired_row(row: Mapping[str, Any], index: int | None) -> tuple[Content, Content, bool]:
     for key in ("prompt", "completion"):
         if key not in row or row[key] is None:
             raise RowError(index, key, "a string or a list of messages", "missing")
-    label = row["label"]
-    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
-        label = bool(label)
-    else:
+    label = row.get("label")
+    if label is None:  # a file's null, and also its NaN: datasets reads both as None
+        raise RowError(index, "label", "a bool (True = desirable) in every unpaired row", Verbatim("null or NaN"))
+    if not _is_label(label):
         raise RowError(index, "label", "a bool (True = desirable)", label)
     p, c = row["prompt"], row["completion"]
     kp, kc = _kind(p), _kind(c)
-    if kp is None or kc is None or kp != kc:
+    for key, kind in (("prompt", kp), ("completion", kc)):
+        if kind is None:
+            raise RowError(index, key, "a string or a list of {'role', 'content'} dicts", type(row[key]))
+    if kp != kc:
         raise RowError(index, "prompt/completion", "both strings or both lists of messages", (type(p), type(c)))
-    return p, c, label
+    if len(c) == 0:
+        raise RowError(index, "completion", "a non-empty completion", c)
+    if kp == "chat":  # checked here, by the row's names: the encoder also pairs prompts with OTHER rows' completions
+        p = check_messages(p, index, "prompt", alternate=False)
+        c = check_messages(c, index, "completion", alternate=False)
+        check_turns([("prompt", p), ("completion", c)], index)
+    return p, c, bool(label)
+
+
+def _is_unpaired(row: Any) -> bool:
+    """A row with a label, or with no chosen but a `completion` / `label` field (a file's rows share columns): a
+    missing label or completion is then named as such, not as a missing `chosen`."""
+    if not isinstance(row, Mapping):
+        return False
+    return row.get("label") is not None or (row.get("chosen") is None and ("completion" in row or "label" in row))
 
 
 def unpair_rows(rows: Sequence[Mapping[str, Any]], start_index: int = 0) -> list[dict[str, Any]]:
@@ -131,7 +165,7 @@ def unpair_rows(rows: Sequence[Mapping[str, Any]], start_index: int = 0) -> list
     out = []
     for k, row in enumerate(rows):
         i = start_index + k
-        if isinstance(row, Mapping) and row.get("label") is not None:
+        if _is_unpaired(row):
             p, c, label = _unpaired_row(row, i)
             out.append({"prompt": p, "completion": c, "label": label, "index": i})
         else:
@@ -162,10 +196,6 @@ class PreferenceReport:
         return f"{self.rows} rows -> {self.examples} examples; truncated: {cut}; {drop}{first}"
 
 
-def _sample(prompt: Content, completion: Content, index: int):  # noqa: ANN202
-    return normalize_row({"prompt": prompt, "completion": completion}, index)
-
-
 class _Encoder:
     """Tokenizes (prompt, completion) pairs in batched tokenizer calls with one fixed format and settings."""
 
@@ -175,8 +205,12 @@ class _Encoder:
         self.sw = tokenizer_switches(tokenizer, self.fmt, switches)
         self.max_length, self.truncation = max_length, truncation
 
-    def __call__(self, items: Sequence[tuple[Content, Content, int]]) -> list[tuple[list[int], list[int], bool]]:
-        samples = [_sample(p, c, i) for p, c, i in items]
+    def __call__(
+        self, items: Sequence[tuple[Content, Content, int]], field: str = "completion"
+    ) -> list[tuple[list[int], list[int], bool]]:
+        """(prompt, completion, row index) items -> (input_ids, labels, truncated); ``field`` is the row's name
+        for the completion (``chosen``, ``rejected``), for errors."""
+        samples = [prompt_completion_sample(p, c, i, fields=("prompt", field)) for p, c, i in items]
         encs = encode_samples(
             self.tokenizer,
             samples,
@@ -224,8 +258,8 @@ def tokenize_pairs(
     for b in range(0, len(rows), batch_size):
         idx = range(start_index + b, start_index + b + len(rows[b : b + batch_size]))
         triples = [normalize_preference_row(r, i) for r, i in zip(rows[b : b + batch_size], idx)]
-        chosen = enc([(p, c, i) for (p, c, _), i in zip(triples, idx)])
-        rejected = enc([(p, r, i) for (p, _, r), i in zip(triples, idx)])
+        chosen = enc([(p, c, i) for (p, c, _), i in zip(triples, idx)], "chosen")
+        rejected = enc([(p, r, i) for (p, _, r), i in zip(triples, idx)], "rejected")
         for i, (ci, cl, ct), (ri, rl, rt) in zip(idx, chosen, rejected):
             report.rows += 1
             report.truncated["chosen"] += ct

@@ -29,6 +29,7 @@ from torch import Tensor
 from alignkit.data.rows import RowError, check_messages
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
 from alignkit.logprobs import IGNORE_INDEX
+from alignkit.templates import TemplateError
 
 MATH_SHEPHERD_MARKER = "ки"
 STEP_HEADER = r"Step\s*\d+\s*:"
@@ -262,7 +263,7 @@ def _label_value(v: Any, index: int | None, k: int) -> float:
 def normalize_prm_row(row: Mapping[str, Any], index: int | None = None, *, require_labels: bool = True) -> StepRow:
     """Validate `{"prompt", "completions", "labels"}`; errors name the row, the field and the expectation."""
     if not isinstance(row, Mapping):
-        raise RowError(index, "<row>", "a dict", type(row))
+        raise RowError(index, None, "a dict (one object per row)", type(row))
     for key in ("prompt", "completions", *(("labels",) if require_labels else ())):
         if key not in row or row[key] is None:
             raise RowError(index, key, "present (stepwise rows are {prompt, completions: [step], labels: [bool]})")
@@ -298,6 +299,7 @@ class StepLayout:
     prompt_ids: list[int]
     step_ids: list[list[int]]
     sep_ids: list[int]
+    prompt_truncated: bool = False  # the prompt lost its first tokens to max_prompt_length
 
     @property
     def counts(self) -> list[int]:
@@ -318,11 +320,13 @@ class StepLayout:
         return out
 
 
-def _prompt_texts(tokenizer: Any, prompts: Sequence[Any], chat_format: Any) -> tuple[list[str], list[bool]]:
+def _prompt_texts(
+    tokenizer: Any, prompts: Sequence[Any], chat_format: Any, start_index: int = 0
+) -> tuple[list[str], list[bool]]:
     """Prompt strings to tokenize, and whether each was rendered by a chat format (which brings its own BOS)."""
     fmt = sw = None
     texts, rendered = [], []
-    for p in prompts:
+    for k, p in enumerate(prompts):
         if isinstance(p, str):
             texts.append(p)
             rendered.append(False)
@@ -330,7 +334,10 @@ def _prompt_texts(tokenizer: Any, prompts: Sequence[Any], chat_format: Any) -> t
         if fmt is None:
             fmt = resolve_format(tokenizer, chat_format)
             sw = tokenizer_switches(tokenizer, fmt)
-        texts.append(fmt.render(p, add_generation_prompt=True, **sw).text)
+        try:
+            texts.append(fmt.render(p, add_generation_prompt=True, **sw).text)
+        except TemplateError as e:
+            raise RowError(start_index + k, "prompt", f"a conversation chat format {fmt.name!r} accepts ({e})") from e
         rendered.append(True)
     return texts, rendered
 
@@ -344,15 +351,17 @@ def step_layouts(
     max_prompt_length: int | None = None,
     chat_format: Any = None,
     add_bos: bool | None = None,
+    start_index: int = 0,
 ) -> list[StepLayout]:
     """Tokenize prompts and steps (one batched tokenizer call) into `StepLayout`s.
 
     `add_bos=None` prepends the tokenizer's BOS to plain string prompts (TRL) and not to rendered chat prompts.
-    `max_prompt_length` keeps the prompt's last tokens (after the BOS, which is kept).
+    `max_prompt_length` keeps the prompt's last tokens (after the BOS, which is kept). `start_index` is the
+    first prompt's row number, for errors.
     """
     if len(prompts) != len(step_lists):
         raise ValueError(f"{len(prompts)} prompts but {len(step_lists)} step lists")
-    texts, rendered = _prompt_texts(tokenizer, prompts, chat_format)
+    texts, rendered = _prompt_texts(tokenizer, prompts, chat_format, start_index)
     flat = [s for steps in step_lists for s in steps]
     enc = tokenizer([*texts, *flat, step_separator], add_special_tokens=False)["input_ids"]
     sep_ids = list(enc[-1])
@@ -361,10 +370,12 @@ def step_layouts(
     for i, steps in enumerate(step_lists):
         head = [bos] if bos is not None and (add_bos if add_bos is not None else not rendered[i]) else []
         prompt_ids = list(enc[i])
+        cut = False
         if max_prompt_length is not None:
             keep = max(max_prompt_length - len(head), 0)
+            cut = len(prompt_ids) > keep
             prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
-        out.append(StepLayout(head + prompt_ids, [list(e) for e in enc[j : j + len(steps)]], sep_ids))
+        out.append(StepLayout(head + prompt_ids, [list(e) for e in enc[j : j + len(steps)]], sep_ids, cut))
         j += len(steps)
     return out
 
@@ -382,12 +393,14 @@ class PRMTokenizeReport:
     steps_dropped: int = 0  # steps whose label token was cut by max_length
     rows_dropped: int = 0  # rows left with no labelled step
     dropped_indices: list[int] = field(default_factory=list)
+    prompts_truncated: int = 0  # prompts cut to their last max_prompt_length tokens
 
     def __str__(self) -> str:
         return (
             f"{self.rows} rows / {self.steps} steps tokenized, {self.rows_truncated} rows truncated "
             f"({self.steps_dropped} steps lost their label), {self.rows_dropped} rows dropped with no labelled step"
             + (f" (first: {self.dropped_indices[:10]})" if self.dropped_indices else "")
+            + (f"; {self.prompts_truncated} prompts cut to max_prompt_length" if self.prompts_truncated else "")
         )
 
 
@@ -460,8 +473,10 @@ def tokenize_prm_rows(
             max_prompt_length=max_prompt_length,
             chat_format=chat_format,
             add_bos=add_bos,
+            start_index=start_index + b,
         )
         for i, (r, lay) in enumerate(zip(chunk, layouts)):
+            report.prompts_truncated += lay.prompt_truncated
             ex, full = _encode_one(lay, r.labels, soft, max_length, train_on_last_step_only)
             report.rows += 1
             report.steps += len(r.steps)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.rows import RowError
+from alignkit.data.rows import RowError, Verbatim, check_messages
 from alignkit.data.tokenize import resolve_format, tokenizer_switches
+from alignkit.templates import TemplateError
 
-__all__ = ["Prompt", "load_prompts", "round_prompts"]
+__all__ = ["Prompt", "Prompts", "load_prompts", "round_prompts"]
 
 
 @dataclass
@@ -22,46 +23,102 @@ class Prompt:
     columns: dict[str, Any]  # the row's other fields (e.g. `answer`), passed to reward functions
 
 
+class Prompts(list):
+    """`load_prompts`' list of `Prompt`, with the rows whose prompt was cut to ``max_prompt_length``."""
+
+    truncated_rows: list[int]
+    max_prompt_length: int | None
+
+    def __init__(self, items: Sequence[Prompt], truncated_rows: Sequence[int], max_prompt_length: int | None) -> None:
+        super().__init__(items)
+        self.truncated_rows, self.max_prompt_length = list(truncated_rows), max_prompt_length
+
+    def report(self) -> str:
+        """One line on the cut prompts ("" when none was cut)."""
+        if not self.truncated_rows:
+            return ""
+        k, rows = self.max_prompt_length, self.truncated_rows
+        first = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        return (
+            f"{len(rows)} of {len(self)} prompts longer than max_prompt_length={k} keep their last {k} tokens "
+            f"(rows {first})"
+        )
+
+
+def _prompt_of(row: Any, i: int) -> tuple[str, Any, Any]:
+    """(field, prompt as given, messages to render or the string) of row ``i``; errors name the row's field."""
+    if not isinstance(row, Mapping):
+        raise RowError(i, None, "a dict (one object per row)", type(row))
+    if row.get("prompt") is not None:
+        field, prompt = "prompt", row["prompt"]
+    elif row.get("messages") is not None:
+        field, prompt = "messages", row["messages"]
+    else:
+        raise RowError(i, "prompt", "a `prompt` (string or list of messages) or a `messages` list", "missing")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RowError(i, field, "a non-empty string or list of {role, content} messages", prompt)
+        return field, prompt, prompt
+    if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+        raise RowError(i, field, "a non-empty string or list of {role, content} messages", prompt)
+    # user and assistant alternate from a user turn: a prompt of only an assistant message is refused here
+    full = check_messages(prompt, i, field, alternate=True)
+    msgs = full
+    if field == "messages":  # a conversation: its trailing assistant turns are the reference answer, not prompt
+        n = len(full)
+        while n and full[n - 1]["role"] == "assistant":
+            n -= 1
+        prompt, msgs = list(prompt[:n]), full[:n]
+    if not any(m["role"] == "user" for m in msgs):
+        roles = Verbatim(f"roles {[m['role'] for m in full]}")
+        raise RowError(i, field, "a conversation with a user message to answer", roles)
+    return field, prompt, msgs
+
+
 def load_prompts(
     rows: Sequence[dict[str, Any]],
     tokenizer: Any,
     *,
     chat_format: str | None = None,
     max_prompt_length: int | None = None,
-) -> list[Prompt]:
+    name: str | None = None,
+    verbose: bool = True,
+) -> Prompts:
     """Rows -> token ids. Message prompts go through the chat format (``chat_format``, or detected from the
     tokenizer) with the generation prompt appended; plain string prompts are used as they are. A `messages`
-    row loses its trailing assistant turns. Prompts over ``max_prompt_length`` tokens keep their last ones."""
+    row loses its trailing assistant turns. Bad rows raise `RowError` naming the row and the field.
+
+    Prompts over ``max_prompt_length`` tokens keep their last ones; they are counted in the returned
+    `Prompts`' ``truncated_rows`` and, with ``verbose``, reported in one printed line (``[alignkit NAME]``)."""
     fmt = None
-    texts, prompts, columns = [], [], []
+    texts, prompts, columns, fields = [], [], [], []
     for i, row in enumerate(rows):
-        if "prompt" in row:
-            prompt = row["prompt"]
-        elif "messages" in row:
-            prompt = list(row["messages"])
-            while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
-                prompt.pop()
+        field, prompt, content = _prompt_of(row, i)
+        if isinstance(content, str):
+            text = content
         else:
-            raise RowError(i, "prompt", "a `prompt` (string or list of messages) or a `messages` list", row)
-        if isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             fmt = fmt or resolve_format(tokenizer, chat_format)
-            text = fmt.render(prompt, add_generation_prompt=True, **tokenizer_switches(tokenizer, fmt)).text
-        else:
-            raise RowError(i, "prompt", "a non-empty string or list of {role, content} messages", prompt)
+            try:
+                text = fmt.render(content, add_generation_prompt=True, **tokenizer_switches(tokenizer, fmt)).text
+            except TemplateError as e:
+                raise RowError(i, field, f"a conversation chat format {fmt.name!r} accepts ({e})") from e
         texts.append(text)
         prompts.append(prompt)
+        fields.append(field)
         columns.append({k: v for k, v in row.items() if k not in ("prompt", "messages", "completion")})
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    out = []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, cut = [], []
     for i, (p, ids, cols) in enumerate(zip(prompts, enc, columns)):
         if not ids:
-            raise RowError(i, "prompt", "a prompt that tokenizes to at least one token", p)
-        if max_prompt_length is not None:
+            raise RowError(i, fields[i], "a prompt that tokenizes to at least one token", p)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
+            cut.append(i)
         out.append(Prompt(p, list(ids), cols))
-    return out
+    result = Prompts(out, cut, max_prompt_length)
+    if verbose and cut:
+        print(f"[alignkit{'' if name is None else ' ' + name}] {result.report()}")
+    return result
 
 
 @functools.lru_cache(maxsize=4)

@@ -32,14 +32,56 @@ SHAREGPT_ROLES = {
 }
 
 
-class RowError(ValueError):
-    """A dataset row that does not have the expected shape. The message names the row, field and expectation."""
+class Verbatim(str):
+    """A `got` description shown as it is, not quoted like the row's own string values (``got an empty file``)."""
 
-    def __init__(self, index: int | None, field: str, expected: str, got: Any = None) -> None:
-        where = f"row {index}" if index is not None else "row"
-        got_s = "" if got is None else f"; got {_short(got)}"
-        super().__init__(f"{where}, field {field!r}: expected {expected}{got_s}")
-        self.index, self.field = index, field
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class RowError(ValueError):
+    """A dataset row (or data file) that does not have the expected shape.
+
+    The message names where (``file``, ``line`` and ``row``, whichever are known), the field as the user wrote
+    it, the expectation and what was found: ``data.jsonl, line 3 (row 2), field 'chosen': expected a string;
+    got 5``. ``field`` is None for errors about a whole row or file (invalid JSON, not UTF-8, empty file).
+    Functions that see only rows raise without ``file``; whoever knows where the rows came from adds it with
+    :meth:`located` (see ``alignkit.data.loading.track_sources``).
+    """
+
+    def __init__(
+        self,
+        index: int | None,
+        field: str | None,
+        expected: str,
+        got: Any = None,
+        file: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.index, self.field, self.expected, self.got = index, field, expected, got
+        self.file, self.line = file, line
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = [] if self.file is None else [str(self.file)]
+        if self.line is not None:
+            where.append(f"line {self.line}" + ("" if self.index is None else f" (row {self.index})"))
+        elif self.index is not None:
+            where.append(f"row {self.index}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        got = "" if self.got is None else f"; got {_short(self.got)}"
+        return f"{', '.join(where) or 'row'}: expected {self.expected}{got}"
+
+    def located(self, file: str, line: int | None = None) -> RowError:
+        """This error naming the file (and line) its row came from; one that names a file already is returned."""
+        if self.file is not None:
+            return self
+        return RowError(self.index, self.field, self.expected, self.got, file, line)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled across processes (datasets.map with num_proc): rebuild from the parts, not the message
+        return (type(self), (self.index, self.field, self.expected, self.got, self.file, self.line))
 
 
 def _short(x: Any, n: int = 80) -> str:
@@ -56,9 +98,12 @@ class Sample:
     prompt: str | None = None  # plain prompt (with `text` holding the completion)
     text: str | None = None
     tools: list[dict] | None = None
+    source_field: str = "messages"  # the row's field(s) the messages came from, for errors found when rendering
 
 
 def check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool = True) -> list[dict[str, Any]]:
+    """Validate a list of `{"role", "content"}` messages (errors name ``field[j].role`` etc.); returns copies
+    without None-valued keys. ``alternate`` also checks the turn order (see :func:`check_turns`)."""
     if not isinstance(msgs, Sequence) or isinstance(msgs, (str, bytes)):
         raise RowError(index, field, "a list of {'role', 'content'} dicts", type(msgs))
     if len(msgs) == 0:
@@ -79,28 +124,59 @@ def check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool 
             raise RowError(index, f + ".content", "a string (multimodal parts are not supported here)", type(c))
         out.append({k: v for k, v in m.items() if v is not None})
     if alternate:
-        _check_alternation(out, index, field)
+        check_turns([(field, out)], index)
     return out
 
 
-def _check_alternation(msgs: list[dict[str, Any]], index: int | None, field: str) -> None:
-    """user and assistant must alternate (tool results may follow an assistant turn; one leading system)."""
-    prev = None
-    for j, m in enumerate(msgs):
-        r = m["role"]
-        if r == "system":
-            if j != 0:
-                raise RowError(index, f"{field}[{j}].role", "'system' only as the first message", r)
-            continue
-        if r == "tool":
-            if prev not in ("assistant", "tool"):
-                raise RowError(index, f"{field}[{j}].role", "'tool' only after an assistant message", r)
-        elif r == prev:
-            want = "assistant" if r == "user" else "user"
-            raise RowError(index, f"{field}[{j}].role", f"{want!r} (user and assistant must alternate)", r)
-        elif r == "assistant" and prev is None:
-            raise RowError(index, f"{field}[{j}].role", "'user' before the first assistant message", r)
-        prev = r
+def check_turns(parts: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], index: int | None) -> None:
+    """The turn order of the conversation ``parts`` make in order (e.g. ``[("prompt", p), ("chosen", c)]``):
+    user and assistant alternate, tool results follow an assistant turn, one system message leads.
+
+    An error names the message by its own part (``chosen[0].role``), as the user wrote the row.
+    """
+    prev, pos = None, 0
+    for field, msgs in parts:
+        for j, m in enumerate(msgs):
+            r, f = m["role"], f"{field}[{j}].role"
+            if r == "system":
+                if pos != 0:
+                    raise RowError(index, f, "'system' only as the first message", r)
+            elif r == "tool":
+                if prev not in ("assistant", "tool"):
+                    raise RowError(index, f, "'tool' only after an assistant message", r)
+            elif r == prev:
+                want = "assistant" if r == "user" else "user"
+                raise RowError(index, f, f"{want!r} (user and assistant must alternate)", r)
+            elif r == "assistant" and prev is None:
+                raise RowError(index, f, "'user' before the first assistant message", r)
+            if r != "system":
+                prev = r
+            pos += 1
+
+
+def prompt_completion_sample(
+    prompt: Any,
+    completion: Any,
+    index: int | None = None,
+    *,
+    fields: tuple[str, str] = ("prompt", "completion"),
+    tools: list[dict] | None = None,
+) -> Sample:
+    """A (prompt, completion) pair -> `Sample`: both strings, or both lists of messages whose turns continue
+    each other. ``fields`` are the row's names for the two (a preference row's completion is ``chosen`` or
+    ``rejected``), so errors name what the user wrote."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Sample(prompt=prompt, text=completion)
+    for f, x in zip(fields, (prompt, completion)):
+        if not isinstance(x, Sequence) or isinstance(x, bytes):
+            raise RowError(index, f, "a string or a list of {'role', 'content'} dicts", type(x))
+    if isinstance(prompt, str) or isinstance(completion, str):
+        got = (type(prompt), type(completion))
+        raise RowError(index, "/".join(fields), "both strings or both lists of messages", got)
+    pm = check_messages(prompt, index, fields[0], alternate=False)
+    cm = check_messages(completion, index, fields[1], alternate=False)
+    check_turns([(fields[0], pm), (fields[1], cm)], index)
+    return Sample(messages=pm + cm, completion_start=len(pm), tools=tools, source_field="/".join(fields))
 
 
 def _sharegpt(turns: Any, index: int | None) -> list[dict[str, Any]]:
@@ -117,33 +193,27 @@ def _sharegpt(turns: Any, index: int | None) -> list[dict[str, Any]]:
     return check_messages(msgs, index, "conversations")
 
 
+FORMATS = ("messages", "conversations", "prompt", "completion", "text")
+
+
 def normalize_row(row: Mapping[str, Any], index: int | None = None, *, alternate: bool = True) -> Sample:
     """One dataset row -> `Sample`, or `RowError` naming the row index, the field and what was expected."""
     if not isinstance(row, Mapping):
-        raise RowError(index, "<row>", "a dict", type(row))
+        raise RowError(index, None, "a dict (one object per row)", type(row))
     tools = row.get("tools")
     if "messages" in row and row["messages"] is not None:
         return Sample(messages=check_messages(row["messages"], index, "messages", alternate=alternate), tools=tools)
     if "conversations" in row and row["conversations"] is not None:
-        return Sample(messages=_sharegpt(row["conversations"], index), tools=tools)
+        return Sample(messages=_sharegpt(row["conversations"], index), tools=tools, source_field="conversations")
     if "prompt" in row and "completion" in row:
-        p, c = row["prompt"], row["completion"]
-        if isinstance(p, str) and isinstance(c, str):
-            return Sample(prompt=p, text=c)
-        if isinstance(p, str) or isinstance(c, str):
-            raise RowError(index, "prompt/completion", "both strings or both lists of messages", (type(p), type(c)))
-        pm = check_messages(p, index, "prompt", alternate=False)
-        cm = check_messages(c, index, "completion", alternate=False)
-        msgs = pm + cm
-        _check_alternation(msgs, index, "prompt+completion")
-        return Sample(messages=msgs, completion_start=len(pm), tools=tools)
-    if "text" in row:
+        return prompt_completion_sample(row["prompt"], row["completion"], index, tools=tools)
+    if "text" in row and row["text"] is not None:
         if not isinstance(row["text"], str):
             raise RowError(index, "text", "a string", type(row["text"]))
         return Sample(text=row["text"])
-    raise RowError(
-        index,
-        "<fields>",
-        "one of 'messages', 'conversations' (ShareGPT), 'prompt'+'completion', or 'text'",
-        sorted(row.keys()),
-    )
+    expected = "one of 'messages', 'conversations' (ShareGPT), 'prompt'+'completion', or 'text'"
+    # a file's rows share columns: the one this row leaves empty (null) is the field the user meant to fill
+    empty = next((k for k in FORMATS if k in row), None)
+    if empty is not None:
+        raise RowError(index, empty, f"a value (every row needs {expected})", Verbatim("null"))
+    raise RowError(index, None, f"a row with {expected}", Verbatim(f"fields {sorted(map(str, row))}"))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from alignkit.data.rows import RowError, Sample, normalize_row
+from alignkit.data.rows import RowError, Sample, Verbatim, normalize_row
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.templates import ChatFormat, Rendered, TemplateError, detect, get_format
 
@@ -109,8 +109,8 @@ def _truncate(ids: list[int], labels: list[int], max_length: int | None, truncat
         return ids[:max_length], labels[:max_length], True
     if truncation == "left":
         return ids[-max_length:], labels[-max_length:], True
-    where = f"row {index}: " if index is not None else ""
-    raise ValueError(f"{where}{len(ids)} tokens > max_length={max_length} and truncation='error'")
+    want = f"at most max_length={max_length} tokens (truncation='error')"
+    raise RowError(index, None, want, Verbatim(f"{len(ids)} tokens"))
 
 
 def _render_sample(sample: Sample, fmt: ChatFormat, sw: dict[str, Any], add_generation_prompt: bool) -> Rendered:
@@ -155,7 +155,8 @@ def encode_samples(
             try:
                 r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
             except TemplateError as e:
-                raise RowError(idx, "messages", f"a conversation chat format {chat_format.name!r} accepts ({e})") from e
+                want = f"a conversation chat format {chat_format.name!r} accepts ({e})"
+                raise RowError(idx, s.source_field, want) from e
             text, rng = r.text, _trainable_ranges(r, train_on, s.completion_start)
         texts.append(text)
         ranges.append(rng)

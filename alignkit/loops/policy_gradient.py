@@ -210,7 +210,9 @@ def train_policy_gradient(
     if not (reward_funcs or cfg.rewards):
         raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
     rows = list(load_rows(train_data or cfg.dataset, cfg.dataset_split))
-    prompts = load_prompts(rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length)
+    prompts = load_prompts(
+        rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length, name=name
+    )
     # built knowing the columns: a reward needing a parameter nobody passes is refused before any generation
     rewards = RewardSet(
         list(reward_funcs) or cfg.rewards, cfg.reward_weights, max_failed_steps=cfg.max_reward_failures,
