@@ -96,8 +96,8 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
 
 def test_packed_accumulation_equals_one_bin(tmp_path):
     """All 16 rows in one packed bin vs spread over several accumulated bins: same loss and update."""
+    from alignkit.data.plan import plan_batches
     from alignkit.data.tokenize import tokenize_rows
-    from alignkit.loops.common import plan_batches
 
     tok, rows = byte_tokenizer(), _rows(16)
     ex, _ = tokenize_rows(tok, rows, chat_format="chatml")

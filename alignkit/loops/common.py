@@ -15,15 +15,9 @@ A loop is, top to bottom::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +33,13 @@ from alignkit.checkpoint import (
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
-    write_atomic,
 )
-from alignkit.config import ConfigError
+from alignkit.data.plan import plan_batches
 from alignkit.errors import TrainingDiverged
 from alignkit.metrics import MetricsLog
 from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
 from alignkit.reference import Reference, ReferenceInputs, build_reference
+from alignkit.run_dir import check_run_length, prepare_run_dir, run_id_of
 
 
 def load_policy(
@@ -180,135 +174,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return f
 
 
-def plan_batches(
-    lengths: Sequence[int],
-    *,
-    seed: int,
-    epochs: float,
-    grad_accum: int,
-    batch_size: int | None = None,
-    pack_tokens: int | None = None,
-) -> list[list[list[int]]]:
-    """The whole run's data order, fixed by the seed: steps -> micro-batches -> example indices.
-
-    Unpacked: each micro-batch is `batch_size` shuffled examples. Packed: each epoch's shuffled examples are
-    placed by best-fit-decreasing, window by window, into bins of at most `pack_tokens` tokens; bin order is
-    shuffled; a bin is one micro-batch. The plan is a pure function of the seed, so the data position is
-    just the step.
-    """
-    from alignkit.data.collate import pack_best_fit_decreasing
-
-    rng = random.Random(seed)
-    micro: list[list[int]] = []
-    n_epochs = max(1, math.ceil(epochs))
-    for e in range(n_epochs):
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        if e == n_epochs - 1 and epochs != n_epochs:  # fractional last epoch
-            order = order[: max(1, int(round((epochs - e) * len(order))))]
-        if pack_tokens is not None:
-            # Best-fit-decreasing over the whole epoch would sort by length, making every micro-batch one
-            # length class (on short, uniform tasks, one problem type): pack within shuffled windows of
-            # about `PACK_WINDOW` bins instead, which keeps batches mixed and bins nearly as full.
-            bins = []
-            for window in _token_windows(order, lengths, PACK_WINDOW * pack_tokens):
-                packed = pack_best_fit_decreasing([lengths[i] for i in window], pack_tokens)
-                bins.extend([window[j] for j in b] for b in packed)
-            rng.shuffle(bins)
-            micro.extend(bins)
-        else:
-            assert batch_size is not None
-            micro.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
-    return [micro[i : i + grad_accum] for i in range(0, len(micro) - grad_accum + 1, grad_accum)]
-
-
-PACK_WINDOW = 8
-
-
-def _token_windows(order: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Consecutive slices of `order` holding about `budget` tokens each."""
-    windows, cur, n = [], [], 0
-    for i in order:
-        cur.append(i)
-        n += lengths[i]
-        if n >= budget:
-            windows.append(cur)
-            cur, n = [], 0
-    if cur:
-        windows.append(cur)
-    return windows
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # set-up, optimizer step, end of step
 # ---------------------------------------------------------------------------------------------------------------
-
-
-# Keys that change how a run is watched or stored, not what it computes: a resume may change them freely.
-OBSERVATION_KEYS = frozenset(
-    {"resume", "overwrite", "allow_config_change", "progress", "tensorboard", "log_every", "save_every",
-     "keep_last", "output_dir", "eval_every", "eval_rows", "eval_dataset", "eval_split", "max_nonfinite_steps",
-     "reference_cache_dir", "backend_kwargs", "max_reward_failures"}
-)  # fmt: skip
-LENGTH_KEYS = frozenset({"max_steps", "epochs"})
-RUN_FILE = "run.json"
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def prepare_run_dir(cfg: Any) -> str:
-    """Check ``cfg.output_dir`` before anything is loaded, and return the run's id.
-
-    A fresh run (``resume=false``) refuses a folder that already holds files unless ``overwrite=true``, which
-    clears it first. A resumed run compares ``cfg`` with the config saved in ``RUN_DIR/run.json`` and refuses
-    keys that change the trajectory (anything outside :data:`OBSERVATION_KEYS`) unless they are listed in
-    ``allow_config_change`` (``["all"]`` accepts any). The folder must be writable. Writes ``run.json`` (run id,
-    loop config, command line) for a fresh run.
-    """
-    run_dir = Path(cfg.output_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir={str(run_dir)!r} is not writable ({e.strerror or e})") from None
-    entries = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
-    saved_path = run_dir / RUN_FILE
-    if cfg.resume and entries:
-        if not saved_path.is_file():
-            raise ConfigError(f"resume=true, but output_dir={str(run_dir)!r} holds no {RUN_FILE}: not an alignkit run")
-        saved = json.loads(saved_path.read_text())
-        now, before = _config_dict(cfg), saved.get("config", {})
-        # max_steps / epochs are judged in start_run, against the learning rates the finished steps used
-        ignored = OBSERVATION_KEYS | LENGTH_KEYS
-        changed = sorted(k for k in set(now) | set(before) if k not in ignored and now.get(k) != before.get(k))
-        allowed = set(getattr(cfg, "allow_config_change", []) or [])
-        refused = [k for k in changed if k not in allowed and "all" not in allowed]
-        if refused:
-            diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused)
-            raise ConfigError(
-                f"resume: the config differs from the run's saved config in keys that change the trajectory "
-                f"({diffs}); pass allow_config_change={','.join(refused)} to accept"
-            )
-        if changed:
-            print(f"[alignkit] resume with changed config keys (allowed): {', '.join(changed)}", file=sys.stderr)
-        return str(saved["run_id"])
-    if entries and not cfg.resume:
-        if not getattr(cfg, "overwrite", False):
-            what = ", ".join(sorted(p.name for p in entries)[:5]) + (" ..." if len(entries) > 5 else "")
-            raise ConfigError(
-                f"output_dir={str(run_dir)!r} already holds files ({what}); pass resume=true to continue that run "
-                "or overwrite=true to delete it and start anew"
-            )
-        for p in run_dir.iterdir():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    run_id = uuid.uuid4().hex
-    record = {"run_id": run_id, "loop": type(cfg).__name__, "config": _config_dict(cfg), "command": sys.argv}
-    write_atomic(saved_path, json.dumps(record, indent=2))
-    return run_id
 
 
 @dataclass
@@ -339,11 +207,7 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     checkpoint (a corrupt one is reported and skipped); the metrics log (truncated after the resumed step).
     Refuses to start without room for two checkpoints. ``cfg`` needs the ``OptimBlock`` and ``RunBlock`` keys."""
     run_dir = Path(cfg.output_dir)
-    run_id = (
-        prepare_run_dir(cfg)
-        if not (run_dir / RUN_FILE).is_file()
-        else json.loads((run_dir / RUN_FILE).read_text())["run_id"]
-    )
+    run_id = run_id_of(run_dir) or prepare_run_dir(cfg)  # the loops call prepare_run_dir before loading anything
     master = hardware.MasterWeights(model) if getattr(cfg, "precision", "fp32") == "bf16" else None
     optimizer = make_optimizer(master.params if master else model, cfg.lr, cfg.weight_decay, betas=betas)
     schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -357,7 +221,8 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
             optimizer = make_optimizer(master.params, cfg.lr, cfg.weight_decay, betas=betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        _check_run_length(cfg, state, total_steps, schedule)
+        schedule_for = lambda total: lr_lambda(cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)  # noqa: E731
+        check_run_length(cfg, state, total_steps, schedule, schedule_for)
         if master is not None and state.get("master") is not None:
             master.load_state_dict(state["master"])  # exact fp32 values, not the bf16-rounded model weights
         # the saved learning rate belongs to the saved schedule: recompute it from this run's (a changed max_steps
@@ -371,23 +236,6 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     start = int(state.get("step", 0))
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
     return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state, run_id, master=master)
-
-
-def _check_run_length(cfg: Any, state: dict[str, Any], total_steps: int, schedule: Callable[[int], float]) -> None:
-    """A resumed run may be longer or shorter (``max_steps``, ``epochs``) when the steps already taken would have
-    had the same learning rates under the new length (a constant schedule, or still in warmup); otherwise the
-    change alters the trajectory and needs ``allow_config_change``."""
-    before = state.get("total_steps")
-    allowed = set(getattr(cfg, "allow_config_change", []) or [])
-    if before is None or before == total_steps or allowed & (LENGTH_KEYS | {"all"}):
-        return
-    old = lr_lambda(cfg.schedule, cfg.warmup_steps, int(before), cfg.min_lr_ratio)
-    if any(old(k) != schedule(k) for k in range(int(state["step"]))):
-        raise ConfigError(
-            f"resume: the run length changed ({before} -> {total_steps} optimizer steps, from max_steps / epochs), "
-            f"so the steps already taken would have had other learning rates under cfg.schedule={cfg.schedule!r}; "
-            "pass allow_config_change=max_steps to accept"
-        )
 
 
 def step_range(run: Run, desc: str) -> Iterable[int]:
