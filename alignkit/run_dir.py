@@ -56,7 +56,8 @@ def prepare_run_dir(cfg: Any) -> str:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output_dir={str(run_dir)!r} is not writable ({e.strerror or e})") from None
-    entries = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
+    # a run.json alone is a run that stopped before its first step (bad data, say): nothing to lose or continue
+    entries = [p for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != RUN_FILE]
     saved_path = run_dir / RUN_FILE
     if cfg.resume and entries:
         if not saved_path.is_file():
