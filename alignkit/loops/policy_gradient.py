@@ -305,6 +305,7 @@ def train_policy_gradient(
         done = step + 1
         record = {"step": done, **acc.result(), "lr": lr, "grad_norm": grad_norm, **batch.metrics}
         record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
+        record["num_tokens"] = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows)
         record["step_time_s"] = time.perf_counter() - t0
         if cfg.progress:
             steps.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}")
