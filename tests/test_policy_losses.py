@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from alignkit.losses.policy import (
@@ -97,20 +97,23 @@ def test_low_var_clamps():
 
 @settings(max_examples=10, deadline=None)
 @given(seed=seeds)
-def test_kl_monte_carlo_unbiased(seed):
+@example(seed=280)  # a 20000-sample mean of k3 fell 4.2 standard errors off the KL (random run)
+def test_kl_estimators_unbiased(seed):
+    # Unbiased: E_{y~p}[k(y)] = KL(p‖q). Over a finite vocabulary that expectation is an exact sum, so it is checked
+    # exactly (fp64) rather than by a Monte Carlo z-test, which is false for some seeds: k3 = e^{−d} − 1 + d is
+    # heavy-tailed where q ≫ p, the sample std underestimates its spread, and a 4σ bound failed at seed=280.
     g = torch.Generator().manual_seed(seed)
-    V, N = 6, 20000
+    V = 6
     logits_p, logits_q = (
         torch.randn(V, generator=g, dtype=torch.float64),
         torch.randn(V, generator=g, dtype=torch.float64),
     )
     lp, lq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
     exact = (lp.exp() * (lp - lq)).sum()
-    y = torch.multinomial(lp.exp(), N, replacement=True, generator=g)
     for kind in ("k1", "k3"):
-        k = kl_estimate(lp[y], lq[y], kind=kind)
-        se = k.std() / math.sqrt(N)
-        assert (k.mean() - exact).abs() <= 4 * se + 1e-9, kind
+        k = kl_estimate(lp, lq, kind=kind)  # the estimate at each outcome y = 0..V-1
+        assert k.dtype == torch.float64
+        torch.testing.assert_close((lp.exp() * k).sum(), exact, atol=1e-12, rtol=1e-10, msg=kind)
 
 
 @PROP
