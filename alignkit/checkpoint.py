@@ -7,6 +7,12 @@ someone else cannot run code on resume), and `checksums.json` (SHA-256 of every 
 temporary folder, fsynced, then renamed into place; `RUN_DIR/latest` names the newest complete checkpoint. A
 process killed mid-save leaves only a `.tmp-*` folder, which the next save removes.
 
+In a distributed run (a process group is up: DDP or FSDP2) the weights and optimizer are also saved sharded with
+``torch.distributed.checkpoint`` into `checkpoint-STEP/dcp/` (each rank writes its shards; DCP's `.metadata` is
+a pickle: resume only run folders you trust), each rank's RNG into `ranks/rank-R/`, and rank 0 writes the HF
+export from the gathered full state dict, so the folder still loads in plain transformers and vLLM. A sharded
+checkpoint resumes on any number of ranks (DCP reshards), one process included.
+
 On load a checkpoint is verified (every file present with its checksum, finite weights); a corrupt `latest` is
 reported by path and the newest intact earlier checkpoint is used instead (:func:`find_resumable`). Pruning
 (`keep_last`) only ever deletes checkpoints of the same run (`run_id`).
@@ -116,6 +122,7 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     structure, tensors = encode_state(state)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / STATE_TENSORS))
     (folder / STATE_JSON).write_text(json.dumps(structure))
 
@@ -248,7 +255,11 @@ def save_checkpoint(
     """Write `checkpoint-STEP` atomically and point `latest` at it; keep the newest `keep_last` checkpoints of
     run ``run_id`` (others in the folder are never touched). A save that fails for lack of space removes its
     partial folder and raises :class:`DiskFullError`; the previous checkpoint stays intact."""
+    from alignkit import distributed
+
     run_dir = Path(run_dir)
+    if distributed.is_initialized():
+        return _save_sharded(run_dir, step, model, tokenizer, optimizer, scheduler, state, keep_last, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -280,6 +291,12 @@ def save_checkpoint(
         previous = latest_checkpoint(run_dir)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise DiskFullError(f"disk full at {run_dir}: checkpoint-{step} needed ~{needed / 1e9:.2f} GB{kept}") from e
+    _publish(run_dir, tmp, final, keep_last, run_id)
+    return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep_last: int | None, run_id: str | None) -> None:
+    # the complete folder replaces any older one of that step, `latest` names it, older ones of this run go
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -288,6 +305,66 @@ def save_checkpoint(
         mine = [p for p in run_dir.glob("checkpoint-*") if _run_id_of(p) == run_id]
         for old in sorted(mine, key=_step_of)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_sharded(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    state: dict[str, Any] | None,
+    keep_last: int | None,
+    run_id: str | None,
+) -> Path:
+    """:func:`save_checkpoint` in a distributed run: every rank takes part (DCP and the full-state gather are
+    collectives); rank 0 writes the HF export, the shared state and the checksums, then publishes the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from alignkit import distributed
+
+    main = distributed.is_main()
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".tmp-checkpoint-{step}"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        check_free_space(run_dir, estimate_checkpoint_bytes(model, optimizer), f"checkpoint-{step}")
+        tmp.mkdir()
+    distributed.barrier()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    else:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp / "dcp"))
+    state = dict(state or {})
+    per_rank = state.pop("per_rank", {})  # this rank's own entries (e.g. its share of an RL round)
+    write_state(tmp / "ranks" / f"rank-{distributed.rank()}", {"rng": rng_state(), "per_rank": per_rank})
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if main:
+        tied = _tied_keys(model)  # the export holds a tied head once, as save_pretrained of the model itself does
+        full = {k: v for k, v in full.items() if k not in tied}
+        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shared = {
+            "step": step,
+            "run_id": run_id,
+            "optimizer": None,  # in dcp/
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "world_size": distributed.world_size(),
+            **state,
+        }
+        write_state(tmp, shared)
+    distributed.barrier()  # every rank's shards are on disk
+    if main:
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+        _publish(run_dir, tmp, final, keep_last, run_id)
+    distributed.barrier()
     return final
 
 
@@ -378,14 +455,56 @@ def load_checkpoint(
     scheduler: Any = None,
 ) -> dict[str, Any]:
     """Verify ``ckpt``, then restore weights, optimizer, scheduler and RNG; returns the saved state dict."""
+    from alignkit import distributed
+
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)
     state = read_state(ckpt)
-    if model is not None:
-        load_model_weights(model, ckpt)
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if (ckpt / "dcp").is_dir():  # sharded: DCP reshards onto this run's ranks (one process included)
+        _load_sharded(ckpt, model, optimizer)
+    elif model is not None and distributed.is_fsdp(model):
+        raise CheckpointError(
+            f"{ckpt} is a one-process checkpoint: resume it under parallel=ddp (or in one process); a parallel=fsdp2 "
+            "run resumes sharded checkpoints only"
+        )
+    else:
+        if model is not None:
+            load_model_weights(model, ckpt)
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    mine = ckpt / "ranks" / f"rank-{distributed.rank()}"
+    if (mine / STATE_FILE).is_file():  # a sharded checkpoint: this rank's RNG and entries
+        own = read_state(mine)
+        set_rng_state(own["rng"])
+        state["per_rank"] = own.get("per_rank", {})
+    else:
+        set_rng_state(state["rng"])
     return state
+
+
+def _load_sharded(ckpt: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if model is None:
+        return
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        both = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(both, checkpoint_id=str(ckpt / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    else:
+        only = {"model": get_model_state_dict(model)}
+        dcp.load(only, checkpoint_id=str(ckpt / "dcp"))
+        set_model_state_dict(model, only["model"])
+    local = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in model.state_dict().items()}  # shards
+    bad = [k for k, t in local.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")

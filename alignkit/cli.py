@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from alignkit import distributed
 from alignkit.config import ConfigError, load_config
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
@@ -90,11 +91,36 @@ def main(argv: list[str] | None = None) -> int:
     module_name, config_name, run_name = commands[args.command]
     module = importlib.import_module(module_name)
 
+    launched: list[int] = []
+
     def run() -> None:
         cfg = load_config(getattr(module, config_name), args.config, args.overrides)
-        getattr(module, run_name)(cfg)
+        if getattr(cfg, "nproc", 1) > 1 and distributed.env_world_size() == 1:
+            launched.append(launch_torchrun(cfg.nproc, argv))  # the config is valid: start the ranks
+            return
+        try:
+            getattr(module, run_name)(cfg)
+        except Exception as e:
+            lost = distributed.explain_failure(e)  # a collective failed: say which rank is gone
+            if lost is not None:
+                raise lost from e
+            raise
+        finally:
+            distributed.shutdown()
 
-    return _run(args.command, args.debug, run)
+    rc = _run(args.command, args.debug, run)
+    return launched[0] if launched and rc == 0 else rc
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this command line again under ``torchrun --standalone --nproc_per_node nproc`` (one machine; for
+    several, call torchrun yourself: see the README); returns torchrun's exit status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "alignkit", *argv]
+    print(f"[alignkit] starting {nproc} processes: {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

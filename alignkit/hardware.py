@@ -84,11 +84,9 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 def compile_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` each decoder layer in place (the layers repeat, so one graph serves them all); returns
     how many were compiled."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", inner)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(inner).__name__} to compile")
+    from alignkit.models import decoder_layers
+
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from alignkit.checkpoint import write_atomic
 
-__all__ = ["StepMetrics", "MetricsLog", "read_metrics"]
+__all__ = ["StepMetrics", "MetricsLog", "NullLog", "read_metrics"]
 
 
 class StepMetrics:
@@ -52,7 +52,12 @@ class StepMetrics:
         """The summed value of ``key`` so far, on its device (no host sync); None if never added."""
         return self.sums.get(key)
 
-    def result(self) -> dict[str, float]:
+    def result(self, over_ranks: bool = False) -> dict[str, float]:
+        """The folded values. ``over_ranks``: the sums and counts of all ranks of a distributed run, in one
+        all-reduce (a training step, whose micro-batches the ranks share; every rank must have added the same
+        metric names). Without it, this rank's own values (an evaluation every rank runs whole)."""
+        if over_ranks:
+            self._reduce_over_ranks()
         out: dict[str, float] = {}
         for k, v in self.sums.items():
             if k in self.counts:
@@ -61,6 +66,19 @@ class StepMetrics:
             else:
                 out[k] = float(v)
         return {**out, **{k: float(v) for k, v in self.last.items()}}
+
+    def _reduce_over_ranks(self) -> None:
+        from alignkit import distributed
+
+        if distributed.world_size() == 1 or getattr(self, "_reduced", False):
+            return
+        self._reduced = True
+        keys = [("s", k) for k in sorted(self.sums)] + [("c", k) for k in sorted(self.counts)]
+        keys += [("l", k) for k in sorted(self.last)]
+        where = {"s": self.sums, "c": self.counts, "l": self.last}
+        flat = distributed.all_reduce_sum(torch.stack([where[t][k].reshape(()) for t, k in keys]))
+        for (t, k), v in zip(keys, flat):
+            where[t][k] = v / distributed.world_size() if t == "l" else v  # a batch-global input: its mean
 
 
 class MetricsLog:
@@ -97,6 +115,16 @@ class MetricsLog:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullLog:
+    """The metrics log of ranks other than 0: they compute every record, rank 0 writes it."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _parse_lines(path: Path) -> list[dict[str, Any]]:

@@ -141,6 +141,30 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
 
 
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a Hugging Face model (hidden states after the final norm, no head), through a peft
+    wrapper: ``get_decoder()`` (transformers 5 resolves language_model / text_model / base_model), else the
+    ``base_model_prefix`` attribute (sequence-classification models), else ``.model``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get = getattr(inner, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None or decoder is inner:
+        decoder = getattr(inner, getattr(inner, "base_model_prefix", "") or "model", None)
+    if decoder is None or decoder is inner:
+        decoder = getattr(inner, "model", None)
+    if decoder is None:
+        raise ValueError(f"cannot find the decoder backbone of {type(inner).__name__}")
+    return decoder
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The repeated decoder layers of ``model`` (what activation checkpointing, compile and FSDP2 act on)."""
+    layers = getattr(decoder_of(model), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
 def is_peft(model: torch.nn.Module | None) -> bool:
     """Whether ``model`` is a peft model (it can switch its adapter off)."""
     return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

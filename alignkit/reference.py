@@ -303,10 +303,13 @@ class ModelReference(Reference):
 
 @torch.no_grad()
 def soft_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
-    """`ref ← α·policy + (1−α)·ref`, parameter by parameter (names must match)."""
+    """`ref ← α·policy + (1−α)·ref`, parameter by parameter (names must match). An FSDP2 policy's shards are
+    gathered first (a collective: every rank calls this at the same step), so every rank's reference is equal."""
     src = dict(policy.named_parameters())
     for name, p in ref.named_parameters():
-        p.mul_(1.0 - alpha).add_(src[name].detach().to(p.dtype), alpha=alpha)
+        q = src[name].detach()
+        q = q.full_tensor() if hasattr(q, "full_tensor") else q
+        p.mul_(1.0 - alpha).add_(q.to(p.dtype), alpha=alpha)
 
 
 class SyncedReference(ModelReference):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from alignkit.models import resolve_dtype
+from alignkit.scoring import backbone as scoring_backbone
 
 __all__ = [
     "ScalarHeadModel",
@@ -59,6 +60,9 @@ class ScalarHeadModel(nn.Module):
     @property
     def config(self) -> PretrainedConfig:
         return self.backbone.config
+
+    def get_decoder(self) -> nn.Module:
+        return self.backbone
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """`[B,T]` ids and mask -> `[B]` fp32 rewards at each row's last real token."""
@@ -181,9 +185,9 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps in place
     if isinstance(inner, ScalarHeadModel):
-        return inner.backbone, inner.head
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+        return scoring_backbone(model), inner.head
     head = getattr(inner, "score", None)
+    backbone = scoring_backbone(model) if head is not None else None
     if backbone is None or head is None:
         raise TypeError(
             f"{type(inner).__name__} is not a reward model: expected a ...ForSequenceClassification model "

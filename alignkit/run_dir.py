@@ -29,7 +29,9 @@ __all__ = ["OBSERVATION_KEYS", "LENGTH_KEYS", "RUN_FILE", "prepare_run_dir", "ch
 OBSERVATION_KEYS = frozenset(
     {"resume", "overwrite", "allow_config_change", "progress", "tensorboard", "log_every", "save_every",
      "keep_last", "output_dir", "eval_every", "eval_rows", "eval_dataset", "eval_split", "max_nonfinite_steps",
-     "reference_cache_dir", "backend_kwargs", "max_reward_failures"}
+     "reference_cache_dir", "backend_kwargs", "max_reward_failures",
+     # how many processes and how they share the work: an offline loop's steps are the same on any number
+     "parallel", "nproc", "dist_timeout_s"}
 )  # fmt: skip
 LENGTH_KEYS = frozenset({"max_steps", "epochs"})
 RUN_FILE = "run.json"

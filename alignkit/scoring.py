@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 
 from alignkit.data.collate import pad_collate
+from alignkit.distributed import backbone_route
 from alignkit.hardware import to_device
 from alignkit.logprobs import DEFAULT_TOKEN_CHUNK, IGNORE_INDEX, chunked_token_logps
 from alignkit.losses.preference import ld_token_weights, wpo_sequence_weights
-from alignkit.models import eval_mode
+from alignkit.models import decoder_of, eval_mode
 from alignkit.ops import segment_sum
 
 __all__ = [
@@ -49,16 +50,12 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack of a Hugging Face causal LM (hidden states after the final norm, no head)."""
-    # transformers 5: get_decoder() resolves language_model / text_model / base_model (LlamaModel for Llama).
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, "model", None)
-    if decoder is None:
-        raise ValueError(f"cannot find the decoder backbone of {type(model).__name__}")
-    return decoder
+def backbone(model: torch.nn.Module) -> Any:  # noqa: ANN401
+    """What runs the decoder stack of a Hugging Face model (hidden states after the final norm, no head): the
+    decoder module (:func:`alignkit.models.decoder_of`), or on a DDP / FSDP2 model the wrapper's forward that
+    runs it (:func:`alignkit.distributed.backbone_route`), so gradients are reduced and shards gathered."""
+    route = backbone_route(model)
+    return route if route is not None else decoder_of(model)
 
 
 def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
@@ -185,11 +182,11 @@ def shared_prefix_token_logps(
         raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and completion_mask "
                          f"{tuple(completion_mask.shape)} must both be [G,L]")  # fmt: skip
     decoder = backbone(model)
-    dev = next(decoder.parameters()).device
+    dev = next(model.parameters()).device
     P, (G, L) = prompt_ids.numel(), completion_ids.shape
     mask = completion_mask.to(dev, torch.bool)
     cache = DynamicCache(config=model.config)
-    kw = cache_kwarg(decoder)
+    kw = cache_kwarg(decoder_of(model))
     out = decoder(input_ids=prompt_ids.to(dev)[None], use_cache=True, **{kw: cache})
     if cache.get_seq_length() != P:
         raise RuntimeError(

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from alignkit import hardware
+from alignkit import distributed, hardware, run_dir
 from alignkit.checkpoint import (
     check_free_space,
     estimate_checkpoint_bytes,
@@ -36,10 +36,26 @@ from alignkit.checkpoint import (
 )
 from alignkit.data.plan import plan_batches
 from alignkit.errors import TrainingDiverged
-from alignkit.metrics import MetricsLog
+from alignkit.metrics import MetricsLog, NullLog
 from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
 from alignkit.reference import Reference, ReferenceInputs, build_reference
-from alignkit.run_dir import check_run_length, prepare_run_dir, run_id_of
+
+
+def prepare_run_dir(cfg: Any) -> str:
+    """Before anything is loaded: join the process group of a distributed run (:func:`distributed.init`), then
+    check and claim ``cfg.output_dir`` (:func:`alignkit.run_dir.prepare_run_dir`, on rank 0 only; its error,
+    if any, is raised on every rank). Returns the run id."""
+    distributed.init(cfg, hardware.resolve_device(cfg.device))
+    outcome: tuple[str, Any] = ("ok", None)
+    if distributed.is_main():
+        try:
+            outcome = ("ok", run_dir.prepare_run_dir(cfg))
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            outcome = ("error", e)
+    outcome = distributed.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
 
 
 def load_policy(
@@ -74,7 +90,10 @@ def place_model(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
 def precision(cfg: Any, model: torch.nn.Module) -> Any:  # noqa: ANN401
     """The forward context of ``cfg.precision`` on the model's device: bf16 autocast for ``bf16-mixed`` (the
     policy's, the reference's and generation's forwards alike), nothing otherwise."""
-    return hardware.autocast(getattr(cfg, "precision", "fp32"), next(model.parameters()).device)
+    kind = getattr(cfg, "precision", "fp32")
+    if distributed.is_fsdp(model):  # FSDP2's mixed-precision policy casts instead (distributed.parallelize)
+        kind = "fp32"
+    return hardware.autocast(kind, next(model.parameters()).device)
 
 
 def maybe_add_lora(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
@@ -190,7 +209,7 @@ class Run:
     run_dir: Path
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    log: MetricsLog
+    log: MetricsLog | NullLog
     start: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
@@ -206,13 +225,14 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     ``cfg.resume``, weights, optimizer, schedule and RNG restored from ``cfg.output_dir``'s newest intact
     checkpoint (a corrupt one is reported and skipped); the metrics log (truncated after the resumed step).
     Refuses to start without room for two checkpoints. ``cfg`` needs the ``OptimBlock`` and ``RunBlock`` keys."""
-    run_dir = Path(cfg.output_dir)
-    run_id = run_id_of(run_dir) or prepare_run_dir(cfg)  # the loops call prepare_run_dir before loading anything
+    out_dir = Path(cfg.output_dir)
+    run_id = run_dir.run_id_of(out_dir) or prepare_run_dir(cfg)  # the loops call prepare_run_dir before loading
+    distributed.parallelize(model, cfg)  # before the optimizer: under FSDP2 it steps the shards
     master = hardware.MasterWeights(model) if getattr(cfg, "precision", "fp32") == "bf16" else None
     optimizer = make_optimizer(master.params if master else model, cfg.lr, cfg.weight_decay, betas=betas)
     schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ckpt = find_resumable(run_dir) if cfg.resume else None
+    ckpt = find_resumable(out_dir) if cfg.resume else None
     state: dict[str, Any] = {}
     if ckpt is not None:
         if master is not None:  # the optimizer's tensors are the master copies: fill them before its state
@@ -222,7 +242,7 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         schedule_for = lambda total: lr_lambda(cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)  # noqa: E731
-        check_run_length(cfg, state, total_steps, schedule, schedule_for)
+        run_dir.check_run_length(cfg, state, total_steps, schedule, schedule_for)
         if master is not None and state.get("master") is not None:
             master.load_state_dict(state["master"])  # exact fp32 values, not the bf16-rounded model weights
         # the saved learning rate belongs to the saved schedule: recompute it from this run's (a changed max_steps
@@ -232,16 +252,18 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
             group["lr"] = lr
         scheduler._last_lr = lrs  # what get_last_lr() reports; LambdaLR has no public setter
         print(f"[alignkit {name}] resumed from {ckpt} at step {state['step']}")
-    check_free_space(run_dir, 2 * estimate_checkpoint_bytes(model), "two checkpoints")
+    check_free_space(out_dir, 2 * estimate_checkpoint_bytes(model), "two checkpoints")
     start = int(state.get("step", 0))
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
-    return Run(cfg, total_steps, run_dir, optimizer, scheduler, log, start, state, run_id, master=master)
+    log: MetricsLog | NullLog = NullLog()  # rank 0 writes the metrics
+    if distributed.is_main():
+        log = MetricsLog(out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+    return Run(cfg, total_steps, out_dir, optimizer, scheduler, log, start, state, run_id, master=master)
 
 
 def step_range(run: Run, desc: str) -> Iterable[int]:
     """Steps ``run.start .. total_steps - 1``, as a tqdm bar when ``cfg.progress`` (it has ``set_postfix``)."""
     steps = range(run.start, run.total_steps)
-    if not run.cfg.progress:
+    if not run.cfg.progress or not distributed.is_main():
         return steps
     from tqdm.auto import tqdm
 
@@ -261,7 +283,9 @@ def optimizer_step(run: Run, model: torch.nn.Module, loss: torch.Tensor | float 
     if run.master is not None:
         run.master.grads_to_master()
     params = run.master.params if run.master is not None else [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = distributed.data_parallel_grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if isinstance(loss, torch.Tensor):
+        loss = distributed.all_reduce_sum(loss)  # every rank takes the same skip decision
     lr = run.scheduler.get_last_lr()[0]
     bad = not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(float(loss)))
     run.skipped = bad

@@ -19,6 +19,7 @@ from alignkit.config import ConfigError
 __all__ = [
     "Checked",
     "require",
+    "ParallelBlock",
     "ModelBlock",
     "DataBlock",
     "EvalBlock",
@@ -54,7 +55,32 @@ class Checked:
 
 
 @dataclass
-class ModelBlock(Checked):
+class ParallelBlock(Checked):
+    # several processes (alignkit.distributed): under torchrun, or `nproc=N` starts torchrun for you
+    parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"  # auto: ddp under several processes, else none
+    nproc: int = 1  # processes on this machine (the CLI starts `torchrun --nproc_per_node nproc`)
+    dist_timeout_s: float = 600.0  # longest wait of any collective: a lost rank fails the others after this
+
+    def check(self) -> None:
+        from alignkit.distributed import env_world_size
+
+        require(self, self.nproc >= 1, "nproc", "an integer >= 1")
+        require(self, self.dist_timeout_s > 0, "dist_timeout_s", "a number of seconds > 0")
+        world = env_world_size()
+        require(self, not (world > 1 and self.parallel == "none"), "parallel",
+                f"ddp or fsdp2 (or auto): this process is one of WORLD_SIZE={world}")  # fmt: skip
+        grad_accum = getattr(self, "grad_accum", None)
+        require(self, grad_accum is None or grad_accum % world == 0, "grad_accum",
+                f"a multiple of the WORLD_SIZE={world} ranks: each rank runs grad_accum / WORLD_SIZE of a step's "
+                "micro-batches")  # fmt: skip
+        if self.parallel == "fsdp2":
+            require(self, getattr(self, "precision", "fp32") != "bf16", "precision",
+                    "fp32 or bf16-mixed under parallel=fsdp2 (FSDP2 keeps fp32 sharded weights and computes in bf16 "
+                    "with bf16-mixed)")  # fmt: skip
+
+
+@dataclass
+class ModelBlock(ParallelBlock):
     model: str = ""  # HF id or local folder (ignored when a model object is passed to the train function)
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16 | float16
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | ...

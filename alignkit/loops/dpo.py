@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_pairs, pair_sequences, tokenize_pairs
 from alignkit.logprobs import IGNORE_INDEX
@@ -156,7 +157,7 @@ PAIR_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]
 }
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 # metric name -> the count it is a mean over (None: already globally normalised, so micro-batches add up)
-_METRIC_WEIGHTS = {"loss": None, "n_pairs": None, "nll": None}
+_METRIC_WEIGHTS = {"loss": None, "n_pairs": None, "nll": None, "num_tokens": None}
 
 
 def _step_metrics() -> StepMetrics:
@@ -262,20 +263,21 @@ def train_dpo(
         n_pairs = float(sum(len(mb) for mb in micro))
         n_chosen_tok = float(max(sum(_chosen_tokens(mb) for mb in micro), 1))
         acc = _step_metrics()
-        n_tokens = 0
-        for mb in micro:
+        for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
             batch = collate_pairs(mb, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
-            with common.precision(cfg, model):
-                loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_chosen_tok)
-            loss.backward()
-            acc.add({"loss": loss.detach(), **metrics})
-            n_tokens += batch["n_tokens"]
+            with grad_sync:
+                with common.precision(cfg, model):
+                    loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_chosen_tok)
+                distributed.backward(loss)
+            acc.add({"loss": loss.detach(), **metrics, "num_tokens": float(batch["n_tokens"])})
+        stats = acc.result(over_ranks=True)
+        n_tokens = int(stats.pop("num_tokens"))
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         done = step + 1
         reference.after_step(model, done)
 
         counts = {"num_pairs": int(n_pairs), "num_tokens": n_tokens}
-        record = common.step_record(done, acc.result(), lr, grad_norm, t0, **counts)
+        record = common.step_record(done, stats, lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record.update(evaluate(model, evals, cfg, eval_reference, pad_id))
         if cfg.progress:

@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
+from alignkit.distributed import env_world_size
 from alignkit.loops import common
 from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
 from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
@@ -54,6 +56,9 @@ class KTOConfig(OfflineConfig, ReferenceBlock):
         require(self, self.beta > 0, "beta", "a number > 0")
         require(self, self.desirable_weight > 0, "desirable_weight", "a number > 0")
         require(self, self.undesirable_weight > 0, "undesirable_weight", "a number > 0")
+        require(self, self.loss != "bco" or env_world_size() == 1, "loss",
+                "kto or apo_zero_unpaired under several ranks: BCO's running reward mean follows the micro-batch "
+                "order, which the ranks split")  # fmt: skip
 
 
 _WEIGHTS = {
@@ -207,20 +212,21 @@ def train_kto(
         with common.precision(cfg, model):
             z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
         acc = _step_metrics()
-        n_tokens = 0
-        for mb in micro:
+        for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
             batch = _batch(mb, cfg, pad_id)
-            with common.precision(cfg, model):
-                loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
-            loss.backward()
-            acc.add({"loss": loss.detach(), **metrics})
-            n_tokens += batch["n_tokens"]
+            with grad_sync:
+                with common.precision(cfg, model):
+                    loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
+                distributed.backward(loss)
+            acc.add({"loss": loss.detach(), **metrics, "num_tokens": float(batch["n_tokens"])})
+        stats = acc.result(over_ranks=True)
+        n_tokens = int(stats.pop("num_tokens"))
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         done = step + 1
         reference.after_step(model, done)
 
         counts = {"num_examples": int(n_examples), "num_tokens": n_tokens}
-        record = common.step_record(done, _finish(acc.result()), lr, grad_norm, t0, **counts)
+        record = common.step_record(done, _finish(stats), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id))
         if cfg.progress:

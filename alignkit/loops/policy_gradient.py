@@ -22,8 +22,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.prompts import load_prompts, round_prompts
+from alignkit.distributed import env_world_size
 from alignkit.loops import common
 from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.advantages import ADVANTAGES
@@ -112,6 +114,12 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
         require(self, self.agg in AGGREGATIONS, "agg", f"one of {sorted(AGGREGATIONS)}")
         require(self, self.kl_coef >= 0, "kl_coef", "a number >= 0")
         require(self, 0 < self.top_p <= 1, "top_p", "a probability in (0, 1]")
+        world = env_world_size()  # several ranks: each generates and trains on its share of every step's prompts
+        require(self, self.prompts_per_step % world == 0, "prompts_per_step",
+                f"a multiple of the WORLD_SIZE={world} ranks (each rank takes whole groups)")  # fmt: skip
+        require(self, world == 1 or (self.scale_rewards != "batch" and not self.normalize_advantages),
+                "scale_rewards", "group or none (and normalize_advantages=false) under several ranks: batch-level "
+                "advantage statistics are not gathered across ranks yet")  # fmt: skip
         folded = self.kl_placement == "reward" and self.kl_coef > 0
         require(self, not (folded and self.multi_reward == "normalize_then_sum"), "multi_reward",
                 "sum_then_normalize when kl_placement='reward' folds the KL into one summed reward")  # fmt: skip
@@ -247,14 +255,20 @@ def train_policy_gradient(
     )  # fmt: skip
 
     run = common.start_run(model, cfg, cfg.max_steps, name)
-    # the in-flight round of a resumed run; stale: the engine may not hold the trainer's weights
-    batch = RolloutBatch(**run.state["round"]) if run.state.get("round") is not None else None
+    # the in-flight round of a resumed run (this rank's share); stale: the engine may not hold the trainer's weights
+    saved_round = run.state.get("per_rank", {}).get("round")
+    if saved_round is not None and run.state.get("world_size", 1) != distributed.world_size():
+        raise ValueError(
+            f"the checkpoint was saved inside a generation round by {run.state.get('world_size', 1)} ranks; resume "
+            f"it on as many (now {distributed.world_size()}), or from a checkpoint at a round boundary"
+        )
+    batch = RolloutBatch(**saved_round) if saved_round is not None else None
     stale = True
     model.train()
     steps: Any = common.step_range(run, name)
 
     def saved_state(step: int) -> dict[str, Any]:  # a checkpoint inside a round carries it: resume replays it
-        return {"round": asdict(batch) if step % steps_per_round != 0 else None}
+        return {"per_rank": {"round": asdict(batch) if step % steps_per_round != 0 else None}}
 
     record: dict[str, Any] = {}
     for step in steps:
@@ -266,7 +280,8 @@ def train_policy_gradient(
                 t_sync = time.perf_counter()
                 generator.update_weights(model)
                 sync_s, stale = time.perf_counter() - t_sync, False
-            idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
+            # this rank's share of the round's prompts (whole groups: a group's advantages need no other rank)
+            idx = distributed.shard(round_prompts(len(prompts), per_round, cfg.seed, rnd))
             rewards.trainer_state = RewardState(global_step=step, max_steps=cfg.max_steps)  # TRL-style rewards
             with common.precision(cfg, model):
                 batch = make_round(
@@ -279,7 +294,7 @@ def train_policy_gradient(
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
                     ),  # fmt: skip
                     stops=stops,
-                    seed=cfg.seed * 7919 + rnd,
+                    seed=cfg.seed * 7919 + rnd + 1_000_003 * distributed.rank(),
                     advantage_fn=advantage_fn(cfg),
                     old_logps_fn=functools.partial(frozen, model) if need_old else None,
                     reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,
@@ -289,23 +304,29 @@ def train_policy_gradient(
                 )
         # this step's slice of the round: whole groups, so each step sees complete groups
         chunk = k % cfg.steps_per_generation
-        n = cfg.prompts_per_step * cfg.group_size
+        n = cfg.prompts_per_step // distributed.world_size() * cfg.group_size
         rows = list(range(chunk * n, (chunk + 1) * n))
-        normalizer = round_normalizer(batch, rows, cfg)
-        n_tokens = float(max(int((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum()), 1))
+        # the normalisers count the whole step: every rank's rows
+        local = [round_normalizer(batch, rows, cfg), float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())]
+        normalizer, n_tokens = distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        n_tokens = max(n_tokens, 1.0)
         acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
-        for i in range(0, len(rows), cfg.micro_batch_size):
-            with common.precision(cfg, model):
-                loss, metrics = micro_loss(model, batch, rows[i : i + cfg.micro_batch_size], cfg, normalizer, n_tokens)
-            loss.backward()
+        micro = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+        for j, mb in enumerate(micro):
+            with distributed.grad_sync(model, last=j == len(micro) - 1):
+                with common.precision(cfg, model):
+                    loss, metrics = micro_loss(model, batch, mb, cfg, normalizer, n_tokens)
+                distributed.backward(loss)
             acc.add(metrics)
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         stale = True
 
         done = step + 1
-        record = {"step": done, **acc.result(), "lr": lr, "grad_norm": grad_norm, **batch.metrics}
+        round_metrics = distributed.mean_over_ranks(batch.metrics)  # ranks' rounds are equal in size
+        record = {"step": done, **acc.result(over_ranks=True), "lr": lr, "grad_norm": grad_norm, **round_metrics}
         record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
-        record["num_tokens"] = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows)
+        num_tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows)
+        record["num_tokens"] = int(distributed.all_reduce_sum(torch.tensor(num_tokens)))
         record["step_time_s"] = time.perf_counter() - t0
         if cfg.progress:
             steps.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit import distributed
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.prm import IGNORE_INDEX, tokenize_prm_rows
@@ -169,15 +170,16 @@ def train_prm(
         # the full-batch step-mean gradient whatever the split.
         n_steps = sum(e["num_steps"] for mb in micro for e in mb)
         acc = StepMetrics({"loss": None, "n_steps": None}, "n_steps")
-        for mb in micro:
-            with common.precision(cfg, model):
-                loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
-            loss.backward()
+        for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
+            with grad_sync:
+                with common.precision(cfg, model):
+                    loss, metrics, _ = _micro_loss(model, _batch(mb, pad_id), cand, normalizer=float(n_steps))
+                distributed.backward(loss)
             acc.add({"loss": loss.detach(), **metrics})
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
-        stats = acc.result()
+        stats = acc.result(over_ranks=True)
         stats = {"loss": stats["loss"], "step_accuracy": stats.get("accuracy", 0.0)}
         n_tokens = sum(len(e["input_ids"]) for mb in micro for e in mb)
         record = common.step_record(done, stats, lr, grad_norm, t0, num_steps=n_steps, num_tokens=n_tokens)

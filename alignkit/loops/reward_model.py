@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from alignkit import distributed
 from alignkit.data.collate import pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import tokenize_pairs as tokenize_preference_pairs
@@ -161,16 +162,17 @@ def train_reward(
         # The normaliser is the step's pair count, so summed micro-batch losses give the full-batch pair mean.
         n_pairs = sum(len(mb) for mb in micro)
         acc = StepMetrics(STEP_WEIGHTS, "n_pairs")  # one host sync per step (the log), not per micro-batch
-        for mb in micro:
-            with common.precision(cfg, model):
-                r_c, r_r, margin = score_pairs(model, mb, pad_id)
-            loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
-            loss.backward()
+        for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
+            with grad_sync:
+                with common.precision(cfg, model):
+                    r_c, r_r, margin = score_pairs(model, mb, pad_id)
+                loss, met = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=cfg.center_coef, normalizer=n_pairs)
+                distributed.backward(loss)
             acc.add({"loss": loss.detach(), **met})
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
-        stats = {k: v for k, v in acc.result().items() if k in ("loss", *STEP_METRICS)}
+        stats = {k: v for k, v in acc.result(over_ranks=True).items() if k in ("loss", *STEP_METRICS)}
         n_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for mb in micro for p in mb)
         record = common.step_record(done, stats, lr, grad_norm, t0, num_pairs=n_pairs, num_tokens=n_tokens)
         if evals and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit import distributed
 from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
 from alignkit.data.tokenize import tokenize_dataset
@@ -135,16 +136,17 @@ def train_sft(
         n_trained = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for mb in micro for e in mb)
         n_tokens = sum(len(e["input_ids"]) for mb in micro for e in mb)
         acc = StepMetrics()
-        for mb in micro:
-            with common.precision(cfg, model):
-                loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
-            loss.backward()
+        for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
+            with grad_sync:
+                with common.precision(cfg, model):
+                    loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
+                distributed.backward(loss)
             acc.add({"loss": loss.detach()})
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
 
         done = step + 1
         counts = {"num_tokens": n_tokens, "num_trained_tokens": n_trained}
-        record = common.step_record(done, acc.result(), lr, grad_norm, t0, **counts)
+        record = common.step_record(done, acc.result(over_ranks=True), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
             record["eval_loss"] = evaluate(model, evals, cfg, pad_id)
         if cfg.progress:
