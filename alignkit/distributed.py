@@ -224,7 +224,8 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
 def parallelize(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     """Apply ``cfg.parallel`` to ``model`` in place and return it (the same object: checkpoints, references and
-    generation keep using it).
+    generation keep using it). A frozen model (an explicit reference) is sharded under FSDP2 and left alone
+    under DDP.
 
     * ``ddp``: a ``DistributedDataParallel`` over the model's decoder forward (:func:`backbone_route` routes
       scoring through it); buffers are not broadcast (a decoder's are constants).
@@ -234,8 +235,8 @@ def parallelize(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
       an FSDP forward method, so scoring gathers the root's parameters like the model's own forward would.
     """
     kind = parallel_kind(cfg)
-    if kind == "none":
-        return model
+    if kind == "none" or (kind == "ddp" and not any(p.requires_grad for p in model.parameters())):
+        return model  # a frozen model (a reference) needs no gradient reduction: each rank keeps its copy
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

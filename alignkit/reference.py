@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit import distributed
 from alignkit.models import eval_mode, is_peft
 
 __all__ = [
@@ -186,18 +187,28 @@ def compute_reference_table(
     progress: bool = False,
 ) -> tuple[Tensor, int]:
     """Run `scorer` over `batches` (each with `global_ids`), filling a `[n_total]` fp32 table (NaN = never seen).
-    Returns (table, number of forward passes). The model is put in eval mode for the pass and restored after."""
+    Returns (table, number of forward passes of this process). The model is put in eval mode for the pass and
+    restored after.
+
+    In a distributed run (the model not yet wrapped for training) each rank scores every ``world_size``-th batch
+    and the ranks' rows are summed into one table on every rank."""
+    world, rank = distributed.world_size(), distributed.rank()
     with eval_mode(model):
         table = torch.full((n_total,), float("nan"))
         passes = 0
         it = batches
-        if progress:
+        if progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             it = tqdm(batches, desc="reference", unit="batch")
-        for b in it:
-            table[b["global_ids"]] = scorer(model, b).float().cpu()
-            passes += 1
+        for i, b in enumerate(it):
+            if i % world == rank:
+                table[b["global_ids"]] = scorer(model, b).float().cpu()
+                passes += 1
+    if world > 1:  # each id was scored by exactly one rank: sum the ranks' rows, NaN kept where none did
+        seen = ~torch.isnan(table)
+        both = distributed.all_reduce_sum(torch.stack([torch.where(seen, table, 0.0), seen.float()]))
+        table = torch.where(both[1] > 0, both[0], float("nan"))
     return table, passes
 
 
@@ -237,17 +248,22 @@ class PrecomputedReference(Reference):
         key = reference_cache_key(model, hash_sequences(sequences), {**scorer.key_settings(), **(settings or {})})
         path = cache / f"{key}.pt"
         info: dict[str, Any] = {"key": key, "path": str(path), "forward_passes": 0}
+        table = None
         if path.is_file():
             table = torch.load(path, map_location="cpu", weights_only=True)["logps"]
-            if table.shape == (len(sequences),) and not torch.isnan(table).any():
-                return cls(table, {**info, "cache_hit": True})
+            if table.shape != (len(sequences),) or torch.isnan(table).any():
+                table = None
+        if distributed.broadcast_object(table is not None):  # rank 0 decides: all ranks hit, or all compute
+            table = distributed.broadcast_object(table if distributed.is_main() else None)  # rank 0's file
+            return cls(table, {**info, "cache_hit": True})
         table, passes = compute_reference_table(model, make_batches(), len(sequences), scorer, progress=progress)
         if torch.isnan(table).any():
             raise RuntimeError(f"reference pass left {int(torch.isnan(table).sum())} sequences without a value")
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"logps": table, "settings": {**scorer.key_settings(), **(settings or {})}}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves a half-written table
+        if distributed.is_main():  # one cache file, written by rank 0
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save({"logps": table, "settings": {**scorer.key_settings(), **(settings or {})}}, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves a half-written table
         return cls(table, {**info, "cache_hit": False, "forward_passes": passes})
 
     def logps(self, policy: torch.nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -298,7 +314,10 @@ class ModelReference(Reference):
         return cls(copy.deepcopy(policy), scorer, **kw)
 
     def logps(self, policy: torch.nn.Module, batch: Any) -> Tensor:
-        return self.scorer(self.model, batch)
+        out = self.scorer(self.model, batch)
+        if distributed.is_fsdp(self.model):  # no backward follows: free the gathered root parameters now
+            self.model.reshard()
+        return out
 
 
 @torch.no_grad()
@@ -308,7 +327,10 @@ def soft_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> 
     src = dict(policy.named_parameters())
     for name, p in ref.named_parameters():
         q = src[name].detach()
-        q = q.full_tensor() if hasattr(q, "full_tensor") else q
+        if hasattr(p, "to_local") and hasattr(q, "to_local"):  # both sharded alike (FSDP2): shard by shard
+            p, q = p.to_local(), q.to_local()
+        elif hasattr(q, "full_tensor"):
+            q = q.full_tensor()
         p.mul_(1.0 - alpha).add_(q.to(p.dtype), alpha=alpha)
 
 

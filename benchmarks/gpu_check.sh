@@ -3,6 +3,7 @@
 #
 #   1. the `gpu` tests (device placement of every loop, flex-attention packing forward + backward, chunked
 #      log-probs vs naive on CUDA, bf16 learning);
+#      and FSDP2 at world size 1 on CUDA (an NCCL group of one, sharded checkpoint save and resume, HF export);
 #   2. benchmarks/gpu_throughput.py: alignkit's SFT, DPO and GRPO on a random-init model with Qwen2.5-0.5B's
 #      shapes in bf16-mixed: tokens/s, peak memory, MFU.
 #
@@ -32,6 +33,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 echo "== gpu tests =="
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hardware.py
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hardware.py tests/test_distributed.py
 echo "== throughput =="
 timeout 240 python3 benchmarks/gpu_throughput.py --steps 12

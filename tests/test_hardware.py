@@ -18,7 +18,12 @@ from alignkit.scoring import model_token_logps
 TOK = byte_tokenizer()
 ROWS = [{"messages": r["messages"]} for r in make_rows(128, 2, seed=0)]
 CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (run by benchmarks/gpu_check.sh on a GPU machine)")
+_needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (run by benchmarks/gpu_check.sh on a GPU machine)")
+
+
+def gpu(test):  # noqa: ANN001, ANN201
+    """The `gpu` marker (what `pytest -m gpu` selects) and a skip that says why without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _model(seed: int = 0, **kw) -> torch.nn.Module:

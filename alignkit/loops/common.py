@@ -139,8 +139,17 @@ def data_references(
         )
         return build_reference(kind, policy, inputs)
 
-    reference = build(train)
+    reference = parallelize_reference(build(train), cfg)
     return reference, (build(evals) if evals and kind == "precomputed" else reference)
+
+
+def parallelize_reference(reference: Reference, cfg: Any) -> Reference:
+    """A reference that holds its own model (model / TR-DPO) gets that model sharded like the policy under
+    FSDP2 (:func:`distributed.parallelize`); others are returned as they are."""
+    ref_model = getattr(reference, "model", None)
+    if isinstance(ref_model, torch.nn.Module):
+        distributed.parallelize(ref_model, cfg)
+    return reference
 
 
 def plan_steps(

@@ -245,6 +245,7 @@ def train_policy_gradient(
         reference = build_reference(
             kind, model, ReferenceInputs(scorer=lambda m, b: frozen(m, *b), ref_model=ref_model)
         )
+        reference = common.parallelize_reference(reference, cfg)
     rollout_is = None
     if cfg.rollout_is is not None:
         rollout_is = dict(level=cfg.rollout_is_level, mode=cfg.rollout_is, is_low=cfg.is_low, is_high=cfg.is_high)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alignkit import distributed
 from alignkit.models import eval_mode
 from alignkit.rollout.base import Rollouts, check_request, stop_ids_from_config
 from alignkit.scoring import cache_kwarg
@@ -130,20 +131,31 @@ class HFGenerator:
         logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
                        logits_to_keep=1, **kw).logits[:, -1]  # fmt: skip
         pos = positions[:, -1]
-        rows = torch.arange(B, device=device)  # original row of each live sequence
+        rows = torch.arange(B, device=device)  # original row of each live sequence (-1: a placeholder)
         record: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: (rows, tokens, log-probs)
         sample = temperature > 0
+        # FSDP2: each forward gathers shards with the other ranks, so every rank decodes as many steps as the
+        # longest; a rank whose sequences have all stopped steps one placeholder row until then
+        in_step = distributed.is_fsdp(model) and distributed.world_size() > 1
         for t in range(max_new_tokens):
             logps = torch.log_softmax(logits.float() / (temperature if sample else 1.0), dim=-1)
             tok = sample_tokens(logps, top_k=top_k, top_p=top_p, generator=rng) if sample else logps.argmax(-1)
-            record.append((rows, tok, logps.gather(1, tok[:, None]).squeeze(1)))
-            live = ~torch.isin(tok, stop_ids)
-            if t == max_new_tokens - 1 or not bool(live.any()):
+            real = rows >= 0
+            record.append((rows[real], tok[real], logps.gather(1, tok[:, None]).squeeze(1)[real]))
+            live = ~torch.isin(tok, stop_ids) & real
+            more = bool(live.any())
+            if in_step:
+                more = bool(distributed.all_reduce_sum(torch.tensor(int(more))) > 0)
+            if t == max_new_tokens - 1 or not more:
                 break
             if not bool(live.all()):  # drop finished rows from the batch and the cache
-                keep = live.nonzero().squeeze(1)
+                keep = (
+                    live.nonzero().squeeze(1) if bool(live.any()) else torch.zeros(1, dtype=torch.long, device=device)
+                )
                 cache.batch_select_indices(keep)
                 rows, tok, pos, mask = rows[keep], tok[keep], pos[keep], mask[keep]
+                if not bool(live.any()):
+                    rows = torch.full_like(rows, -1)
             mask[:, width + t] = 1
             pos = pos + 1
             logits = model(input_ids=tok[:, None], attention_mask=mask[:, : width + t + 1],
