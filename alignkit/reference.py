@@ -351,10 +351,21 @@ class SyncedReference(ModelReference):
             soft_update(self.model, policy, self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
+        if distributed.is_fsdp(self.model):  # gathered (a collective); rank 0, which writes it, gets the weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return {"weights": get_model_state_dict(self.model, options=full)}
         return {"weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "weights" in state:
+        if "weights" not in state:
+            return
+        if distributed.is_fsdp(self.model):  # every rank read the full weights: each keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state["weights"], options=StateDictOptions(full_state_dict=True))
+        else:
             self.model.load_state_dict(state["weights"])
 
 

@@ -184,6 +184,10 @@ def test_dpo_references_under_fsdp2(work, kind):
     cmd, args = _args("dpo", work, out, *extra, "parallel=fsdp2")
     alignkit(cmd, args, nproc=2)
     assert_same_run(baseline("dpo", work, extra), out)
+    if kind == "tr_dpo":  # the synced reference is saved gathered and resumed sharded
+        _drop_after(out, 1)
+        alignkit(cmd, [*args, "resume=true"], nproc=2)
+        assert_same_run(baseline("dpo", work, extra), out)
 
 
 def test_grpo_hf_backend_fsdp2_equals_ddp(work):
