@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from alignkit import distributed
 from alignkit.rollout.base import Generator
 from alignkit.rollout.hf import HFGenerator
 
@@ -38,10 +39,17 @@ def _vllm_server(model: torch.nn.Module, tokenizer: Any, *, model_dir: str | Non
                  max_batch_size: Unused = None, seed: Unused = None, **kw: Any) -> Generator:  # fmt: skip
     from alignkit.rollout.vllm_server import VLLMServerGenerator
 
+    if not distributed.is_main():  # one server for all ranks: rank 0's, which alone pushes weights
+        url = distributed.broadcast_object(None)
+        rest = {k: v for k, v in kw.items() if k not in ("base_url", "launch", "server_args", "env")}
+        return VLLMServerGenerator(base_url=url, model_dir=model_dir, pushes_weights=False, **rest)
     if "base_url" not in kw:  # no running server named: launch one on loopback serving the model's folder
         kw.setdefault("model_dir", model_dir)
         kw["launch"] = True
-    return VLLMServerGenerator(**kw)
+    gen = VLLMServerGenerator(**kw)
+    if distributed.world_size() > 1:
+        distributed.broadcast_object(gen.base_url)
+    return gen
 
 
 #: backend name -> factory ``(model, tokenizer, *, pad_id, seed, max_batch_size, model_dir, **kw) -> Generator``.

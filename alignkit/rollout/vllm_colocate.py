@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from alignkit import distributed
 from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
 
 __all__ = [
@@ -49,16 +50,33 @@ EXTENSION = "alignkit.rollout._vllm_worker.WeightSyncExtension"
 
 
 def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(hf_name, tensor)`` for every parameter, through DDP (``.module``) and ``torch.compile`` wrappers.
+    """``(hf_name, tensor)`` for every parameter, through DDP (``.module``) and ``torch.compile`` wrappers; an
+    FSDP2 model's shards are gathered (a collective: every rank calls this at the same point).
 
-    Tied weights appear once (``named_parameters`` de-duplicates); vLLM re-ties them itself.
+    A tied head is also given under its own name (see below).
     """
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             break
         model = inner
-    return [(name, p.detach()) for name, p in model.named_parameters()]
+    out = []
+    for name, p in model.named_parameters():
+        t = p.detach()
+        out.append((name, t.full_tensor() if hasattr(t, "full_tensor") else t))
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        # a tied head appears once, under the embedding's name; vLLM's CPU backend keeps a pre-packed copy of the
+        # head that only a weight under the head's own name rebuilds (without it the engine samples from the old
+        # head: tests/test_vllm_distributed.py)
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        head_name = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+        emb_name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+        have = dict(out)
+        if head_name and emb_name in have and head_name not in have:
+            out.append((head_name, have[emb_name]))
+    return out
 
 
 def sampling_kwargs(
@@ -151,6 +169,8 @@ class VLLMColocateGenerator:
         self.sleep_level = int(sleep_level) if enable_sleep_mode else 0
         self._asleep: set[str] = set()
 
+        if distributed.world_size() > 1:  # one engine per rank, inside the process torchrun started (as TRL does)
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         threads = torch.get_num_threads()  # vLLM lowers torch's thread count "for serving"; the trainer shares it
         with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
             self.llm = LLM(

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from alignkit import distributed
 from alignkit.rollout._vllm_worker import bucket_layout, make_group, make_store
 from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
 from alignkit.rollout.vllm_colocate import EXTENSION, named_weights, sampling_kwargs
@@ -102,6 +103,7 @@ class VLLMServerGenerator:
         bucket_mb: int = 256,
         max_concurrency: int = 64,
         wait: bool = True,
+        pushes_weights: bool = True,
     ) -> None:
         if launch == (base_url is not None):
             raise ValueError("give exactly one of base_url=... or launch=True")
@@ -113,6 +115,8 @@ class VLLMServerGenerator:
         self.sync_backend, self.sync_host, self.sync_timeout = sync_backend, sync_host, sync_timeout
         self.bucket_bytes = int(bucket_mb) << 20
         self.max_concurrency = max_concurrency
+        # several ranks share one server: rank 0 pushes the weights, the others only take part in gathering them
+        self.pushes_weights = pushes_weights
         self.proc: subprocess.Popen | None = None
         self._log_file: Any = None
         self._sync: tuple[Any, Any, str] | None = None  # (store, group, backend)
@@ -292,9 +296,14 @@ class VLLMServerGenerator:
 
     @torch.no_grad()
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Broadcast ``model``'s parameters to the server's workers and load them there in place."""
+        """Broadcast ``model``'s parameters to the server's workers and load them there in place. Under several
+        ranks every rank calls this: an FSDP2 model's shards are gathered with all of them, rank 0 pushes once,
+        and no rank generates before the push is done."""
         self.wait_ready()
         weights = named_weights(model)
+        if not self.pushes_weights:
+            distributed.barrier()  # rank 0 is pushing
+            return
         if self._sync is None:
             self._init_sync(weights[0][1].device)
         _, group, backend = self._sync  # type: ignore[misc]
@@ -316,6 +325,7 @@ class VLLMServerGenerator:
             self._sync = None  # a broken group cannot be reused: the next update re-joins
             raise
         self._request("/reset_prefix_cache", {}, timeout=60)  # cached KV blocks were computed with old weights
+        distributed.barrier()
 
     def close(self) -> None:
         """Drop the weight-sync group and, if this object launched the server, stop it (and only it)."""
