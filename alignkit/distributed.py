@@ -122,7 +122,8 @@ def init(cfg: Any, device: torch.device) -> None:
     _PEERS[:] = all_gather_objects((socket.gethostname(), os.getpid()))
     if not is_main() and os.environ.get("ALIGNKIT_PRINT_ALL_RANKS") != "1":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the process's lifetime)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    with contextlib.suppress(ValueError):  # only the main thread may set a handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _free_port() -> int:
@@ -362,7 +363,7 @@ def explain_failure(error: BaseException) -> RankLostError | None:
         return None
     text = f"{type(error).__name__}: {error}"
     collective = isinstance(error, dist.DistError) or any(
-        s in text for s in ("Connection closed", "Connection reset", "gloo", "NCCL", "timed out", "Timeout")
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "/gloo/", "NCCL error")
     )
     if not collective:
         return None

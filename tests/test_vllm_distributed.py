@@ -70,3 +70,27 @@ def test_grpo_two_ranks_samples_with_the_trainers_weights(work, backend):
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(abs(r["is/mismatch_k1"]) < TOL for r in recs), [r["is/mismatch_k1"] for r in recs]
     assert recs[-1]["loss"] != recs[0]["loss"]
+
+
+def test_fsdp2_export_loads_in_vllm(work):
+    """The HF folder rank 0 writes from the gathered FSDP2 shards (tied head dropped, as save_pretrained does) is
+    served by vLLM with the log-probs transformers gives for it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.rollout.vllm_colocate import VLLMColocateGenerator
+    from alignkit.scoring import model_token_logps
+
+    export = work / "vllm_server" / "checkpoint-3"  # the 2-rank FSDP2 run above
+    if not export.is_dir():
+        pytest.skip("needs the vllm_server run of test_grpo_two_ranks_samples_with_the_trainers_weights")
+    hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    seq = byte_tokenizer().encode("q1: some answer")
+    ids = torch.tensor([seq])
+    want = model_token_logps(hf, ids, ids)["logps"][0, 1:].tolist()
+    engine = VLLMColocateGenerator(str(export), dtype="float32", enforce_eager=True, max_model_len=128)
+    try:
+        got = engine.score([seq], prompt_len=1)[0]
+    finally:
+        engine.close()
+    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < TOL

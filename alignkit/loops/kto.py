@@ -89,16 +89,21 @@ def _batch(examples: Sequence[dict[str, Any]], cfg: KTOConfig, pad_id: int, kl: 
 
 
 @torch.no_grad()
-def kl_reference_point(model, micro: Sequence[Sequence[dict]], cfg: KTOConfig, reference, pad_id: int) -> torch.Tensor:  # noqa: ANN001
+def kl_reference_point(model, micro: Sequence[Sequence[dict]], cfg: KTOConfig, reference, pad_id: int,  # noqa: ANN001
+                       over_ranks: bool = False) -> torch.Tensor:  # fmt: skip
     """z0 = max(0, Σ(π′−ρ′) / count) over the mismatched sequences of all micro-batches of a step (no grad);
-    mismatched sequences that truncation left empty are not counted."""
+    mismatched sequences that truncation left empty are not counted. ``over_ranks`` (a training step, whose
+    micro-batches the ranks share): each rank scores its share and the sums and counts are all-reduced (exact,
+    where TRL averages the ranks' means); without it this rank scores them all (an evaluation)."""
     total, count = torch.zeros(()), torch.zeros(())
-    for mb in micro:
+    for mb in distributed.shard(micro) if over_ranks else micro:
         kb = _batch(mb, cfg, pad_id, kl=True)
         pol = batch_sequence_logps(model, kb, temperature=cfg.temperature, token_chunk=cfg.token_chunk)
         keep = pol["n_tokens"] > 0
         s, c = kto_reference_point(pol["sum"][keep], reference.logps(model, kb)[keep])
         total, count = total + s.cpu(), count + c.cpu()
+    if over_ranks:
+        total, count = distributed.all_reduce_sum(torch.stack([total, count])).unbind()
     return (total / count.clamp_min(1.0)).clamp_min(0.0)
 
 
@@ -210,7 +215,9 @@ def train_kto(
         micro = [[train[i] for i in mb] for mb in plan[step]]
         n_examples = float(sum(len(mb) for mb in micro))  # the global normaliser: examples in the step
         with common.precision(cfg, model):
-            z0 = kl_reference_point(model, micro, cfg, reference, pad_id) if cfg.loss == "kto" else None
+            z0 = (
+                kl_reference_point(model, micro, cfg, reference, pad_id, over_ranks=True) if cfg.loss == "kto" else None
+            )
         acc = _step_metrics()
         for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
             batch = _batch(mb, cfg, pad_id)
