@@ -190,17 +190,18 @@ def test_dpo_references_under_fsdp2(work, kind):
         assert_same_run(baseline("dpo", work, extra), out)
 
 
-def test_grpo_hf_backend_fsdp2_equals_ddp(work):
-    """The HF backend samples through the FSDP2-sharded policy (the ranks decode in step, as long as the longest
-    rank needs): the same completions, so the same run, as through DDP's unsharded copies."""
-    runs = []
-    for parallel in ("ddp", "fsdp2"):
-        out = work / f"two-grpo-hf-{parallel}"
-        cmd, args = _args("grpo", work, out, "backend=hf", "max_new_tokens=8", f"parallel={parallel}")
-        alignkit(cmd, args, nproc=2)
-        runs.append(out)
-    assert_same_run(*runs)
-    assert len({r["completion_length"] for r in read_metrics(runs[0])}) > 1  # sampled, not a fixed length
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_grpo_hf_backend_two_ranks_equal_one_process(work, parallel):
+    """The HF backend seeds each sample by its prompt's place in the round, so 2 ranks sample the completions one
+    process samples (FSDP2: through the sharded policy, the ranks decoding in step): the same run."""
+    extra = ("backend=hf", "max_new_tokens=8")
+    out = work / f"two-grpo-hf-{parallel}"
+    cmd, args = _args("grpo", work, out, *extra, f"parallel={parallel}")
+    alignkit(cmd, args, nproc=2)
+    one = baseline("grpo", work, extra)
+    assert_same_run(one, out)
+    lengths = [r["completion_length"] for r in read_metrics(one)]
+    assert lengths == [r["completion_length"] for r in read_metrics(out)] and len(set(lengths)) > 1  # sampled
 
 
 def test_fsdp2_bf16_mixed_policy(work):

@@ -103,6 +103,36 @@ def test_seed_reproducible_and_isolated(model):
     assert c.completion_ids != a.completion_ids
 
 
+def test_seeded_samples_do_not_depend_on_the_batch(model):
+    """A prompt's seeded completions are the same alone, in another batch, or split over calls (ranks)."""
+    g = HFGenerator(model, PAD)
+    n, seeds = 3, [11, 40, 97, 5]
+    whole = g.generate(PROMPTS, n=n, max_new_tokens=10, seed=seeds)
+    for i in range(len(PROMPTS)):
+        alone = g.generate([PROMPTS[i]], n=n, max_new_tokens=10, seed=[seeds[i]])
+        assert alone.completion_ids == whole.completion_ids[i * n : (i + 1) * n]
+    halves = [g.generate(PROMPTS[r::2], n=n, max_new_tokens=10, seed=seeds[r::2]) for r in (0, 1)]
+    assert halves[0].completion_ids[:n] == whole.completion_ids[:n]  # rank 0's first prompt
+    assert halves[1].completion_ids[:n] == whole.completion_ids[n : 2 * n]  # rank 1's first prompt
+    # an int seed s is the per-prompt seeds s + i*n
+    assert (
+        g.generate(PROMPTS, n=n, max_new_tokens=10, seed=7).completion_ids
+        == g.generate(PROMPTS, n=n, max_new_tokens=10, seed=[7 + i * n for i in range(len(PROMPTS))]).completion_ids
+    )
+    assert len({tuple(c) for c in whole.completion_ids}) > len(PROMPTS)  # samples within a group differ
+    with pytest.raises(ValueError, match="one per prompt"):
+        g.generate(PROMPTS, n=n, max_new_tokens=4, seed=[1, 2])
+
+
+def test_stream_uniforms_are_uniform():
+    from alignkit.rollout.hf import stream_uniforms
+
+    u = torch.cat([stream_uniforms(torch.arange(1000), t) for t in range(20)])
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert not torch.equal(stream_uniforms(torch.arange(5), 0), stream_uniforms(torch.arange(5), 1))
+
+
 def _greedy_reference(model, prompt: list[int], steps: int, stop: int) -> list[int]:
     ids = list(prompt)
     out = []

@@ -281,8 +281,12 @@ def train_policy_gradient(
                 t_sync = time.perf_counter()
                 generator.update_weights(model)
                 sync_s, stale = time.perf_counter() - t_sync, False
-            # this rank's share of the round's prompts (whole groups: a group's advantages need no other rank)
-            idx = distributed.shard(round_prompts(len(prompts), per_round, cfg.seed, rnd))
+            # this rank's share of the round's prompts (whole groups: a group's advantages need no other rank); each
+            # prompt's seed is fixed by its place in the round, so the samples do not depend on the number of ranks
+            places = distributed.shard(range(per_round))
+            round_idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
+            idx = [round_idx[p] for p in places]
+            first_stream = cfg.seed * 1_000_003 + rnd * per_round * cfg.group_size  # rounds never share a stream
             rewards.trainer_state = RewardState(global_step=step, max_steps=cfg.max_steps)  # TRL-style rewards
             with common.precision(cfg, model):
                 batch = make_round(
@@ -295,7 +299,7 @@ def train_policy_gradient(
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
                     ),  # fmt: skip
                     stops=stops,
-                    seed=cfg.seed * 7919 + rnd + 1_000_003 * distributed.rank(),
+                    seed=[first_stream + p * cfg.group_size for p in places],
                     advantage_fn=advantage_fn(cfg),
                     old_logps_fn=functools.partial(frozen, model) if need_old else None,
                     reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,

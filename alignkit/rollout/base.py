@@ -33,7 +33,12 @@ class Rollouts:
 
 @runtime_checkable
 class Generator(Protocol):
-    """A sampling engine. ``logprobs`` are the behaviour log-probs at the sampling temperature."""
+    """A sampling engine. ``logprobs`` are the behaviour log-probs at the sampling temperature.
+
+    ``seed``: an int gives prompt i the seed ``seed + i*n``; a sequence gives each prompt its own (the RL loops
+    pass seeds fixed by a prompt's place in the round, so the samples do not depend on how ranks split it);
+    sample j of a prompt with seed s is drawn from stream ``s + j``.
+    """
 
     def generate(
         self,
@@ -45,7 +50,7 @@ class Generator(Protocol):
         top_p: float = 1.0,
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> Rollouts: ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...  # push trainer weights into the engine
@@ -64,6 +69,18 @@ def check_request(prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: i
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("empty prompt: every prompt needs at least one token")
+
+
+def prompt_seeds(seed: int | Sequence[int] | None, n_prompts: int, n: int) -> list[int] | None:
+    """One seed per prompt (see :class:`Generator`): ``seed + i*n`` from an int, a sequence as given."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [seed + i * n for i in range(n_prompts)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts: give one per prompt, or one int")
+    return seeds
 
 
 def stop_ids_from_config(config: Any, generation_config: Any = None) -> list[int]:

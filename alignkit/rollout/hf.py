@@ -16,22 +16,31 @@ the model's forward with a KV cache (``DynamicCache``), not ``model.generate``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from alignkit import distributed
 from alignkit.models import eval_mode
-from alignkit.rollout.base import Rollouts, check_request, stop_ids_from_config
+from alignkit.rollout.base import Rollouts, check_request, prompt_seeds, stop_ids_from_config
 from alignkit.scoring import cache_kwarg
 
 __all__ = ["HFGenerator", "sample_tokens"]
 
 
 def sample_tokens(
-    logps: Tensor, *, top_k: int = -1, top_p: float = 1.0, generator: torch.Generator | None = None
+    logps: Tensor,
+    *,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> Tensor:
     """Draw one token per row from ``exp(logps)`` (``[B,V]`` log-probs), optionally truncated to the ``top_k``
-    most likely tokens and the smallest set whose mass reaches ``top_p``. Returns ``[B]`` int64."""
+    most likely tokens and the smallest set whose mass reaches ``top_p``. Returns ``[B]`` int64. Each row uses
+    one uniform in [0, 1): ``uniforms`` ``[B]`` when given, else drawn from ``generator`` (or the global RNG)."""
     z = logps
     if top_k > 0 and top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[:, -1:]
@@ -43,12 +52,30 @@ def sample_tokens(
         z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     # inverse CDF: one uniform per row against the running sum (fp64, so 150k-token vocabularies lose nothing)
     cdf = (z - z.amax(-1, keepdim=True)).exp().double().cumsum(-1)
-    u = torch.rand(z.shape[0], 1, dtype=torch.float64, device=z.device, generator=generator) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(z.shape[0], dtype=torch.float64, device=z.device, generator=generator)
+    u = uniforms.to(z.device, torch.float64)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=z.shape[-1] - 1)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model inside
+
+
+def stream_uniforms(streams: Tensor, t: int) -> Tensor:
+    """The ``t``-th uniform in [0, 1) of each random stream in ``streams`` (``[B]`` int64): splitmix64 of
+    (stream, t), so a sample's draws depend on its own stream only, never on the batch it was decoded in."""
+    golden, mix1, mix2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+    with np.errstate(over="ignore"):
+        x = streams.cpu().numpy().astype(np.uint64) * np.uint64(golden) + np.uint64(
+            (t + 1) * 0xD1B54A32D192ED03 % 2**64
+        )
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(mix1)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(mix2)
+        x ^= x >> np.uint64(31)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
 class HFGenerator:
@@ -76,29 +103,28 @@ class HFGenerator:
         top_p: float = 1.0,
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt. ``temperature=0`` is greedy (log-probs then at τ=1).
 
-        With a ``seed`` the draws come from their own ``torch.Generator`` (the global RNG is left alone), so the
-        same call gives the same completions.
+        With a ``seed`` (seeds as in ``Generator``) sample j of a prompt with seed s draws from stream ``s + j``
+        (:func:`stream_uniforms`; the global RNG is left alone): the same prompt and seed give the same
+        completion whatever else is in the batch, and however prompts are split over calls or ranks.
         """
         check_request(prompt_ids, n, max_new_tokens)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         stops = list(stop_token_ids) if stop_token_ids is not None else self._default_stops()
-        device = next(self.model.parameters()).device
-        rng = None
-        if seed is not None:
-            rng = torch.Generator(device=device)
-            rng.manual_seed(int(seed))
+        seeds = prompt_seeds(seed, len(prompt_ids), n)
+        streams = None if seeds is None else [s + j for s in seeds for j in range(n)]
         expanded = [list(p) for p in prompt_ids for _ in range(n)]
         step = self.max_batch_size or len(expanded)
         out = Rollouts([], [], [], [])
         with eval_mode(self.model):  # no dropout while sampling
             for i in range(0, len(expanded), step):
                 chunk = expanded[i : i + step]
-                ids, lps, fin = self._decode(chunk, max_new_tokens, temperature, top_p, top_k, stops, rng)
+                mine = None if streams is None else torch.tensor(streams[i : i + step], dtype=torch.long)
+                ids, lps, fin = self._decode(chunk, max_new_tokens, temperature, top_p, top_k, stops, mine)
                 out.prompt_ids += chunk
                 out.completion_ids += ids
                 out.logprobs += lps
@@ -113,7 +139,7 @@ class HFGenerator:
         top_p: float,
         top_k: int,
         stops: list[int],
-        rng: torch.Generator | None,
+        streams: Tensor | None,
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         from transformers import DynamicCache
 
@@ -139,7 +165,8 @@ class HFGenerator:
         in_step = distributed.is_fsdp(model) and distributed.world_size() > 1
         for t in range(max_new_tokens):
             logps = torch.log_softmax(logits.float() / (temperature if sample else 1.0), dim=-1)
-            tok = sample_tokens(logps, top_k=top_k, top_p=top_p, generator=rng) if sample else logps.argmax(-1)
+            u = None if streams is None else stream_uniforms(streams[rows.clamp(min=0).cpu()], t)
+            tok = sample_tokens(logps, top_k=top_k, top_p=top_p, uniforms=u) if sample else logps.argmax(-1)
             real = rows >= 0
             record.append((rows[real], tok[real], logps.gather(1, tok[:, None]).squeeze(1)[real]))
             live = ~torch.isin(tok, stop_ids) & real

@@ -78,7 +78,7 @@ def make_round(
     group_size: int,
     sampling: Mapping[str, Any],
     stops: list[int],
-    seed: int,
+    seed: int | Sequence[int],
     advantage_fn: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]],
     old_logps_fn: LogpsFn | None = None,
     reference_logps_fn: LogpsFn | None = None,

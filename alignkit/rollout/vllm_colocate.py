@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from alignkit import distributed
-from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
+from alignkit.rollout.base import Rollouts, check_request, prompt_seeds, read_json, stop_ids_from_config
 
 __all__ = [
     "EXTENSION",
@@ -202,21 +202,22 @@ class VLLMColocateGenerator:
         top_p: float = 1.0,
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt; groups contiguous. ``temperature=0`` is greedy (log-probs at τ=1).
 
-        With a seed, prompt i gets seed ``seed + i*n`` (vLLM adds the sample index), so no two samples share one.
+        Seeds as in ``Generator`` (vLLM adds the sample index to a prompt's seed), so no two samples share one.
         """
         from vllm import SamplingParams
 
         check_request(prompt_ids, n, max_new_tokens)
+        seeds = prompt_seeds(seed, len(prompt_ids), n)
         stops = stop_token_ids if stop_token_ids is not None else stop_ids_from_config(self._config, self._gen_config)
         base = sampling_kwargs(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stops
         )
         params = [
-            SamplingParams(n=n, logprobs=0, detokenize=False, seed=None if seed is None else seed + i * n, **base)
+            SamplingParams(n=n, logprobs=0, detokenize=False, seed=None if seeds is None else seeds[i], **base)
             for i in range(len(prompt_ids))
         ]
         self._wake({"weights", "kv_cache"})

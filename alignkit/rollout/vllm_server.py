@@ -41,7 +41,7 @@ import torch
 
 from alignkit import distributed
 from alignkit.rollout._vllm_worker import bucket_layout, make_group, make_store
-from alignkit.rollout.base import Rollouts, check_request, read_json, stop_ids_from_config
+from alignkit.rollout.base import Rollouts, check_request, prompt_seeds, read_json, stop_ids_from_config
 from alignkit.rollout.vllm_colocate import EXTENSION, named_weights, sampling_kwargs
 
 __all__ = ["VLLMServerGenerator", "ServerGoneError", "free_port"]
@@ -258,10 +258,11 @@ class VLLMServerGenerator:
         top_p: float = 1.0,
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> Rollouts:
-        """Sample ``n`` completions per prompt; groups contiguous. Prompt i gets seed ``seed + i*n``."""
+        """Sample ``n`` completions per prompt; groups contiguous; seeds as in ``Generator``."""
         check_request(prompt_ids, n, max_new_tokens)
+        seeds = prompt_seeds(seed, len(prompt_ids), n)
         self.wait_ready()
         stops = stop_token_ids if stop_token_ids is not None else stop_ids_from_config(self._config, self._gen_config)
         base = {
@@ -277,8 +278,8 @@ class VLLMServerGenerator:
 
         def one(i: int) -> list[dict]:
             body = {**base, "prompt": [list(prompt_ids[i])]}
-            if seed is not None:
-                body["seed"] = seed + i * n
+            if seeds is not None:
+                body["seed"] = seeds[i]
             return sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(prompt_ids)))) as pool:
