@@ -462,11 +462,8 @@ def load_checkpoint(
     state = read_state(ckpt)
     if (ckpt / "dcp").is_dir():  # sharded: DCP reshards onto this run's ranks (one process included)
         _load_sharded(ckpt, model, optimizer)
-    elif model is not None and distributed.is_fsdp(model):
-        raise CheckpointError(
-            f"{ckpt} is a one-process checkpoint: resume it under parallel=ddp (or in one process); a parallel=fsdp2 "
-            "run resumes sharded checkpoints only"
-        )
+    elif model is not None and distributed.is_fsdp(model):  # a one-process checkpoint onto FSDP2 shards
+        _load_full_into_sharded(ckpt, model, optimizer, state.get("optimizer"))
     else:
         if model is not None:
             load_model_weights(model, ckpt)
@@ -482,6 +479,36 @@ def load_checkpoint(
     else:
         set_rng_state(state["rng"])
     return state
+
+
+def _load_full_into_sharded(
+    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, optim_state: dict[str, Any] | None
+) -> None:
+    """A one-process checkpoint (full weights, optimizer state by parameter index) into an FSDP2 model: every
+    rank reads the full tensors and keeps its shard of each."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    if (ckpt / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt} holds a LoRA adapter from one process: resume it in one process or under ddp")
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(p for p in ckpt.glob("*.safetensors") if p.name != STATE_TENSORS):
+        sd.update(load_file(f))
+    _check_finite(sd, ckpt)
+    missing = [k for k in model.state_dict() if k not in sd and k not in _tied_keys(model)]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}")
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    if optimizer is None or optim_state is None:
+        return
+    optimizer.load_state_dict(optim_state)  # the same parameters in the same order, now as DTensors
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.ndim > 0 and hasattr(p, "device_mesh"):  # moments: shard like p
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def _load_sharded(ckpt: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:

@@ -258,20 +258,22 @@ def _drop_after(run: Path, step: int) -> None:
     (run / "latest").write_text(f"checkpoint-{step}")
 
 
-@pytest.mark.parametrize(("saved_by", "resumed_by"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_resume_on_another_world_size(work, saved_by, resumed_by):
+RESIZES = [(2, "fsdp2", 1, "auto"), (2, "ddp", 1, "auto"), (1, "auto", 2, "ddp"), (1, "auto", 2, "fsdp2")]
+
+
+@pytest.mark.parametrize(("saved_by", "saved_as", "resumed_by", "resumed_as"), RESIZES,
+                         ids=[f"{a}{b}-to-{c}{d}" for a, b, c, d in RESIZES])  # fmt: skip
+def test_resume_on_another_world_size(work, saved_by, saved_as, resumed_by, resumed_as):
     import shutil
 
-    out = work / f"resize-{saved_by}-{resumed_by}"
-    parallel = "fsdp2" if saved_by == 2 else "ddp"  # FSDP2 resumes sharded checkpoints; DDP both kinds
-    cmd, args = _args("sft", work, out, f"parallel={parallel}" if saved_by == 2 else "parallel=auto")
+    out = work / f"resize-{saved_by}{saved_as}-{resumed_by}{resumed_as}"
+    cmd, args = _args("sft", work, out)
     if saved_by == 1:
         shutil.copytree(baseline("sft", work), out)
     else:
-        alignkit(cmd, args, nproc=2)
+        alignkit(cmd, [*args, f"parallel={saved_as}"], nproc=2)
     _drop_after(out, 1)
-    alignkit(cmd, [*[a for a in args if not a.startswith("parallel=")], "resume=true", "parallel=auto"],
-             nproc=resumed_by)  # fmt: skip
+    alignkit(cmd, [*args, "resume=true", f"parallel={resumed_as}"], nproc=resumed_by)
     assert_same_run(baseline("sft", work), out)
 
 
