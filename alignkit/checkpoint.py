@@ -2,8 +2,9 @@
 
 A checkpoint folder `RUN_DIR/checkpoint-STEP/` holds the HF model (`save_pretrained`, safetensors), the
 tokenizer, the training state (optimizer, scheduler, RNG states, step, anything else the loop passes) as
-`trainer_state.safetensors` (tensors) + `trainer_state.json` (everything else: no pickle, so a run folder made by
-someone else cannot run code on resume), and `checksums.json` (SHA-256 of every file). It is written to a
+`trainer_state.tensors` (tensors, in safetensors format; not named `*.safetensors`, which vLLM would load as
+weights) + `trainer_state.json` (everything else: no pickle, so a run folder made by someone else cannot run
+code on resume), and `checksums.json` (SHA-256 of every file). It is written to a
 temporary folder, fsynced, then renamed into place; `RUN_DIR/latest` names the newest complete checkpoint. A
 process killed mid-save leaves only a `.tmp-*` folder, which the next save removes.
 
@@ -37,7 +38,10 @@ import torch
 
 from alignkit.errors import CheckpointError, DiskFullError
 
-STATE_TENSORS = "trainer_state.safetensors"
+# safetensors format, but not named *.safetensors: loaders that take every *.safetensors file of a folder as
+# weights (vLLM) must see only the model's
+STATE_TENSORS = "trainer_state.tensors"
+OLD_STATE_TENSORS = "trainer_state.safetensors"  # checkpoints written before that rename
 STATE_JSON = "trainer_state.json"
 CHECKSUMS = "checksums.json"
 STATE_FILE = STATE_JSON  # the file whose presence marks a complete checkpoint
@@ -130,7 +134,8 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 def read_state(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / STATE_TENSORS)) if (folder / STATE_TENSORS).is_file() else {}
+    path = next((folder / n for n in (STATE_TENSORS, OLD_STATE_TENSORS) if (folder / n).is_file()), None)
+    tensors = load_file(str(path)) if path is not None else {}
     return decode_state(json.loads((folder / STATE_JSON).read_text()), tensors)
 
 
@@ -425,7 +430,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         _check_finite(sd, ckpt)
         set_peft_model_state_dict(model, sd)
         return
-    files = sorted(p for p in ckpt.glob("*.safetensors") if p.name != STATE_TENSORS)
+    files = sorted(p for p in ckpt.glob("*.safetensors") if p.name != OLD_STATE_TENSORS)
     if not files:
         raise CheckpointError(f"no .safetensors weights in {ckpt}")
     sd: dict[str, torch.Tensor] = {}
@@ -493,7 +498,7 @@ def _load_full_into_sharded(
     if (ckpt / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{ckpt} holds a LoRA adapter from one process: resume it in one process or under ddp")
     sd: dict[str, torch.Tensor] = {}
-    for f in sorted(p for p in ckpt.glob("*.safetensors") if p.name != STATE_TENSORS):
+    for f in sorted(p for p in ckpt.glob("*.safetensors") if p.name != OLD_STATE_TENSORS):
         sd.update(load_file(f))
     _check_finite(sd, ckpt)
     missing = [k for k in model.state_dict() if k not in sd and k not in _tied_keys(model)]
