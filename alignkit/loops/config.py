@@ -86,7 +86,8 @@ class ModelBlock(ParallelBlock):
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 | ...
     token_chunk: int = 2048  # tokens per tile of the chunked LM-head log-prob computation
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"  # see alignkit.hardware
+    # fp32 | bf16-mixed (bf16 autocast over fp32 weights) | bf16 (bf16 weights, fp32 master copies): alignkit.hardware
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
     compile: bool = False  # torch.compile each decoder layer
 
@@ -106,7 +107,7 @@ class ModelBlock(ParallelBlock):
 @dataclass
 class DataBlock:
     dataset: str = ""  # hub id, .json/.jsonl/.parquet/.csv file or folder
-    dataset_split: str = "train"
+    dataset_split: str = "train"  # split of the dataset (hub datasets and folders with splits)
     chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
     max_length: int | None = 1024  # tokens per sequence (prompt + completion)
 
@@ -116,8 +117,8 @@ class DataBlock:
 
 @dataclass
 class EvalBlock:
-    eval_dataset: str | None = None
-    eval_split: str = "test"
+    eval_dataset: str | None = None  # evaluation rows (same formats as dataset); None: no evaluation
+    eval_split: str = "test"  # split of eval_dataset
     eval_rows: int | None = 256  # cap on evaluation rows
     eval_every: int | None = None  # steps between evaluations
 
@@ -130,7 +131,7 @@ class EvalBlock:
 class BatchBlock:
     batch_size: int = 8  # examples (pairs for paired losses) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int | None = None  # cap on optimizer steps (None: the epochs decide)
 
     def check(self) -> None:
@@ -142,10 +143,10 @@ class BatchBlock:
 
 @dataclass
 class OptimBlock:
-    lr: float = 1e-6
+    lr: float = 1e-6  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW; never on biases and norm weights
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "linear"  # after the linear warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
+    schedule: Literal["cosine", "linear", "constant"] = "linear"  # learning-rate decay after the linear warmup
     min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
     max_grad_norm: float | None = 1.0  # clip the gradient norm (None: measure only)
 
@@ -160,8 +161,9 @@ class OptimBlock:
 @dataclass
 class LoRABlock:
     lora_r: int = 0  # > 0 trains a LoRA adapter through peft
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_alpha: int = 16  # LoRA scale numerator (update scaled by lora_alpha / lora_r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    # module names that get an adapter
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def check(self) -> None:
@@ -173,8 +175,8 @@ class LoRABlock:
 
 @dataclass
 class RunBlock:
-    output_dir: str = "runs/run"
-    seed: int = 0
+    output_dir: str = "runs/run"  # run folder: metrics.jsonl, run.json, checkpoint-N/
+    seed: int = 0  # seeds the data order, initialisation and sampling
     log_every: int = 1  # steps between metrics.jsonl records
     save_every: int | None = None  # steps between checkpoints; the final state is always saved
     keep_last: int = 2  # checkpoints kept
@@ -196,11 +198,12 @@ class RunBlock:
 
 @dataclass
 class ReferenceBlock:
-    reference: Literal["precomputed", "lora", "model", "tr_dpo"] = "precomputed"  # see alignkit.reference
+    # precomputed table | lora (the adapter switched off) | model (a separate or frozen copy) | tr_dpo
+    reference: Literal["precomputed", "lora", "model", "tr_dpo"] = "precomputed"
     reference_cache_dir: str | None = None  # None = $ALIGNKIT_CACHE/reference or ~/.cache/alignkit/reference
     ref_model: str | None = None  # for model / tr_dpo; None = a frozen copy of the initial policy
-    tr_dpo_alpha: float = 0.6
-    tr_dpo_sync_steps: int = 512
+    tr_dpo_alpha: float = 0.6  # TR-DPO: the reference moves this fraction toward the policy at each sync
+    tr_dpo_sync_steps: int = 512  # TR-DPO: optimizer steps between reference syncs
     temperature: float = 1.0  # log-probs of logits / temperature (policy and reference alike)
 
     def check(self) -> None:

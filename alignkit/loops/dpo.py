@@ -43,17 +43,18 @@ from alignkit.scoring import SequenceScorer, batch_sequence_logps
 @dataclass
 class DPOConfig(OfflineConfig, ReferenceBlock):
     output_dir: str = "runs/dpo"
-    truncation: Literal["right", "left"] = "right"
+    truncation: Literal["right", "left"] = "right"  # which end of the prompt a pair over max_length loses
     packing: bool = False  # pack the 2P sequences of a micro-batch into rows of <= max_length tokens
-    loss: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"
+    loss: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"  # dpo (with a reference), or reference-free simpo / cpo / orpo
+    # DPO variant(s) (losses.DPO_LOSSES, + "sft"); several: a weighted mixture
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5
-    discopop_tau: float = 0.05
-    ipo_length_normalize: bool = True
+    loss_weights: list[float] | None = None  # weights of the loss_type mixture (None: all 1)
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO / robust DPO)
+    f_divergence: str = "reverse_kl"  # f-DPO divergence: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence
+    discopop_tau: float = 0.05  # temperature of the DiscoPOP loss
+    ipo_length_normalize: bool = True  # IPO: log-ratios divided by the completion length (as TRL)
     ld_alpha: float | None = None  # LD-DPO: weight of tokens past the shorter completion's length
     wpo: bool = False  # WPO: weight each pair by w(y_c)·w(y_r)
     simpo_margin: float = 0.5  # γ (logit units) for simpo and cpo's simpo form

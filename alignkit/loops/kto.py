@@ -45,12 +45,12 @@ from alignkit.scoring import SequenceScorer, batch_sequence_logps
 @dataclass
 class KTOConfig(OfflineConfig, ReferenceBlock):
     output_dir: str = "runs/kto"
-    truncation: Literal["right", "left"] = "right"
-    packing: bool = False
-    loss: Literal["kto", "apo_zero_unpaired", "bco"] = "kto"
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    truncation: Literal["right", "left"] = "right"  # which end of the prompt an example over max_length loses
+    packing: bool = False  # pack a micro-batch's sequences into rows of <= max_length tokens
+    loss: Literal["kto", "apo_zero_unpaired", "bco"] = "kto"  # kto, apo_zero_unpaired or bco
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    desirable_weight: float = 1.0  # weight of desirable examples' losses (lambda_D)
+    undesirable_weight: float = 1.0  # weight of undesirable examples' losses (lambda_U)
 
     def check(self) -> None:
         require(self, self.beta > 0, "beta", "a number > 0")

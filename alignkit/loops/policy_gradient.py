@@ -49,12 +49,12 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
     output_dir: str = "runs/rl"
     ref_model: str | None = None  # None: frozen copy of the initial policy (LoRA: the adapter switched off)
     dataset: str = ""  # rows with `prompt` (str or messages) or `messages`, plus columns for the rewards
-    dataset_split: str = "train"
+    dataset_split: str = "train"  # split of the dataset
     chat_format: str | None = None  # for conversational prompts; None = detect from the tokenizer
     max_prompt_length: int | None = 512  # longer prompts keep their last tokens
     # rewards: built-in names or dotted paths `pkg.module.fn`; weights default to 1
-    rewards: list[str] = field(default_factory=list)
-    reward_weights: list[float] | None = None
+    rewards: list[str] = field(default_factory=list)  # reward names (reward_funcs.REWARDS) or dotted paths
+    reward_weights: list[float] | None = None  # one weight per reward (None: all 1)
     max_reward_failures: int = 3  # stop when a reward raises on every sample of this many rounds in a row (0: never)
     # generation
     backend: str = "hf"  # hf | vllm_colocate | vllm_server, or a dotted path to a factory (GENERATOR_BACKENDS)
@@ -63,40 +63,42 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
     prompts_per_step: int = 8  # prompts per optimizer step (each step trains on prompts_per_step * group_size)
     steps_per_generation: int = 1  # optimizer steps cut from one generation round
     num_iterations: int = 1  # PPO epochs over a generation round
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # completion length cap
     temperature: float = 1.0  # sampling AND trainer log-prob temperature (they must agree)
-    top_p: float = 1.0
-    top_k: int = -1
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = -1  # sample among the k most likely tokens (-1: all)
     stop_tokens: list[str] = field(default_factory=list)  # extra stop tokens besides the eos ids
     generation_batch_size: int | None = None  # sequences per generate call (hf backend)
     # advantages (alignkit.losses.advantages.ADVANTAGES; an estimator takes the options it knows)
-    advantage: str = "grpo"
+    advantage: str = "grpo"  # advantage estimator by name (losses.advantages.ADVANTAGES)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # GRPO std scale (none = Dr.GRPO)
+    # several rewards: normalise their weighted sum, or each first
     multi_reward: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     normalize_advantages: bool = False  # RLOO: z-score the advantages over the round
-    advantage_eps: float = 1e-4
+    advantage_eps: float = 1e-4  # added to the std that scales advantages
     # KL to the reference
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    kl_placement: Literal["loss", "reward"] = "loss"
+    kl_coef: float = 0.0  # weight of the KL to the reference (0: no reference pass)
+    kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3 | abs | low_var (losses.policy.KL_ESTIMATORS)
+    kl_placement: Literal["loss", "reward"] = "loss"  # KL as a loss term, or subtracted from the reward
     kl_is_weight: bool = True  # in-loss KL multiplied by the ratio (TRL use_bias_correction_kl)
     # policy loss (alignkit.losses.policy.pg_loss)
     loss: str = "ppo_clip"  # ppo_clip | cispo | sapo | gmpo | reinforce | vespo
     ratio_level: str = "token"  # token | sequence (GSPO) | sequence_sum
     ratio_low: float | None = None  # absolute bounds; None = the loss's defaults (ppo_clip: 0.8 / 1.2)
-    ratio_high: float | None = None
-    dual_clip: float | None = None
-    max_log_ratio: float | None = None
+    ratio_high: float | None = None  # upper bound of the importance ratio (see ratio_low)
+    dual_clip: float | None = None  # dual-clip constant c > 1 bounding negative-advantage losses (None: off)
+    max_log_ratio: float | None = None  # clamp of the log importance ratio before exp (None: none)
     agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_constant
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # entropy bonus coefficient (token mean)
     mask_truncated: bool = False  # completions cut at max_new_tokens add nothing to the loss
     # trainer-vs-sampler importance sampling (None = off)
     rollout_is: Literal["truncate", "mask", "seq_mask_token_truncate"] | None = None
+    # trainer-vs-sampler IS weights per token or per sequence
     rollout_is_level: Literal["token", "sequence"] = "sequence"
-    is_low: float | None = None
-    is_high: float | None = 3.0
+    is_low: float | None = None  # lower bound of the rollout IS weights (mask modes)
+    is_high: float | None = 3.0  # upper bound of the rollout IS weights (truncated or masked above)
     # optimisation
-    max_steps: int = 100
+    max_steps: int = 100  # optimizer steps of the run
     micro_batch_size: int = 8  # completions per forward/backward
     schedule: Literal["cosine", "linear", "constant"] = "constant"
     token_chunk: int = 1024

@@ -41,9 +41,9 @@ class PRMConfig(ModelBlock, DataBlock, EvalBlock, BatchBlock, OptimBlock, RunBlo
     candidate_tokens: list[str] = field(default_factory=lambda: ["-", "+"])  # head="lm": tokens for wrong, right
     step_separator: str = "\n"  # appended to every step; its last token carries the step's label
     max_prompt_length: int | None = None  # keep the prompt's last tokens
-    train_on_last_step_only: bool = False
+    train_on_last_step_only: bool = False  # only the last step of each row carries a label
     soft_labels: bool | None = None  # None: soft when a label is not exactly 0/1
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # rows per evaluation forward
     lr: float = 1e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     threshold: float = 0.5  # a step is predicted right when its probability exceeds this

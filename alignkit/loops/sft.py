@@ -36,16 +36,17 @@ from alignkit.scoring import model_token_logps
 class SFTConfig(OfflineConfig):
     output_dir: str = "runs/sft"
     max_length: int = 2048
+    # tokens with loss: assistant turns, the last one, the completion column, or all
     train_on: Literal["assistant", "last", "completion", "all"] = "assistant"
-    truncation: Literal["right", "left"] = "right"
+    truncation: Literal["right", "left"] = "right"  # which end a sequence over max_length loses
     packing: bool = True  # padding-free: each micro-batch is one row of concatenated documents
     pack_tokens: int | None = None  # tokens per packed micro-batch (default batch_size * max_length)
     lr: float = 2e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    loss: Literal["nll", "dft"] = "nll"
-    label_smoothing: float = 0.0
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    loss: Literal["nll", "dft"] = "nll"  # nll, or dft (each token NLL weighted by its detached probability)
+    label_smoothing: float = 0.0  # mix of the mean log-prob over the vocabulary into each token loss
 
 
 def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
