@@ -8,6 +8,7 @@ device until the step's one host sync in :meth:`StepMetrics.result`) and writes 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,7 +105,9 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-        self._f.write(json.dumps(rec) + "\n")
+        # strict JSON: a non-finite value (a skipped step's loss) is null, never a bare NaN other parsers refuse
+        rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+        self._f.write(json.dumps(rec, allow_nan=False) + "\n")
         self._f.flush()
         if self._tb is not None:
             for k, v in rec.items():

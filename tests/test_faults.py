@@ -417,3 +417,18 @@ def test_an_inf_reward_stops_grpo_with_an_error_naming_the_reward(tmp_path):
         train_grpo(cfg, model=model, tokenizer=TOK, train_data=[{"prompt": f"q{i}:"} for i in range(4)],
                    reward_funcs=[exploding])  # fmt: skip
     assert not list((tmp_path / "g").glob("checkpoint-*"))  # nothing trained on it
+
+
+def test_metrics_are_strict_json_with_null_for_non_finite(tmp_path):
+    """A skipped step's non-finite loss is logged as null: every line parses as strict JSON (no bare NaN)."""
+    model = _model()
+    nan = NaNAt(model, steps={2})
+    train_sft(_cfg(tmp_path / "run", max_steps=3), model=model, tokenizer=TOK, train_data=ROWS, callbacks=[nan.after])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-strict JSON constant {token}")
+
+    recs = {r["step"]: r for r in (json.loads(ln, parse_constant=refuse) for ln in lines)}
+    assert recs[2]["skipped_nonfinite"] is True and recs[2]["loss"] is None
+    assert isinstance(recs[3]["loss"], float)
