@@ -336,7 +336,8 @@ def _save_sharded(
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".tmp-checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        check_free_space(run_dir, estimate_checkpoint_bytes(model, optimizer), f"checkpoint-{step}")
+        needed = estimate_checkpoint_bytes(model, optimizer) + estimate_checkpoint_bytes(model)  # + the HF export
+        check_free_space(run_dir, needed, f"checkpoint-{step}")
         tmp.mkdir()
     distributed.barrier()
     if optimizer is not None:
@@ -417,6 +418,11 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return set(keys) | {"lm_head.weight"}
 
 
+def weight_files(ckpt: Path) -> list[Path]:
+    """The model's ``*.safetensors`` files in a checkpoint folder (not an old-style training-state file)."""
+    return sorted(p for p in Path(ckpt).glob("*.safetensors") if p.name != OLD_STATE_TENSORS)
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Load the safetensors weights of a checkpoint into an already built model (full or peft adapter); refuse
     weights that do not fit the model (a missing untied head included) or that are not finite."""
@@ -430,7 +436,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         _check_finite(sd, ckpt)
         set_peft_model_state_dict(model, sd)
         return
-    files = sorted(p for p in ckpt.glob("*.safetensors") if p.name != OLD_STATE_TENSORS)
+    files = weight_files(ckpt)
     if not files:
         raise CheckpointError(f"no .safetensors weights in {ckpt}")
     sd: dict[str, torch.Tensor] = {}
@@ -498,7 +504,7 @@ def _load_full_into_sharded(
     if (ckpt / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{ckpt} holds a LoRA adapter from one process: resume it in one process or under ddp")
     sd: dict[str, torch.Tensor] = {}
-    for f in sorted(p for p in ckpt.glob("*.safetensors") if p.name != OLD_STATE_TENSORS):
+    for f in weight_files(ckpt):
         sd.update(load_file(f))
     _check_finite(sd, ckpt)
     missing = [k for k in model.state_dict() if k not in sd and k not in _tied_keys(model)]
@@ -536,7 +542,11 @@ def _load_sharded(ckpt: Path, model: torch.nn.Module | None, optimizer: torch.op
         only = {"model": get_model_state_dict(model)}
         dcp.load(only, checkpoint_id=str(ckpt / "dcp"))
         set_model_state_dict(model, only["model"])
+    from alignkit import distributed
+
     local = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in model.state_dict().items()}  # shards
     bad = [k for k, t in local.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
+    # every rank refuses, not only the one holding the bad shard (the others would wait in a collective)
+    if distributed.all_reduce_sum(torch.tensor(float(len(bad)))) > 0:
+        bad = bad or ["(a shard on another rank)"]
         raise CheckpointError(f"checkpoint {ckpt} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")

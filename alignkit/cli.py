@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             return
         try:
             getattr(module, run_name)(cfg)
-        except Exception as e:
+        except BaseException as e:
             lost = distributed.explain_failure(e)  # a collective failed: say which rank is gone
+            distributed.shutdown(ok=False)
             if lost is not None:
                 raise lost from e
             raise
-        finally:
-            distributed.shutdown()
+        distributed.shutdown()
 
     rc = _run(args.command, args.debug, run)
     return launched[0] if launched and rc == 0 else rc

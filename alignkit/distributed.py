@@ -57,6 +57,8 @@ __all__ = [
     "my_micro_batches",
     "backward",
     "grad_scale",
+    "data_parallel_grad_norm",
+    "describe",
     "lost_ranks",
     "explain_failure",
     "shutdown",
@@ -79,7 +81,7 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
@@ -97,7 +99,7 @@ _PEERS: list[tuple[str, int]] = []
 def parallel_kind(cfg: Any) -> str:
     """``cfg.parallel`` resolved: ``auto`` is ``ddp`` under several processes, ``none`` in one."""
     kind = getattr(cfg, "parallel", "auto")
-    if kind == "auto":
+    if kind in ("auto", "ddp"):  # DDP over one process would only add a wrapper
         return "ddp" if env_world_size() > 1 else "none"
     return kind
 
@@ -114,7 +116,8 @@ def init(cfg: Any, device: torch.device) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # on GPUs, NCCL for CUDA tensors and gloo for the few CPU ones (counts, tables, gathered objects)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=float(getattr(cfg, "dist_timeout_s", 600)))
@@ -145,11 +148,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (after a barrier, so no rank tears down a collective another is still in)."""
+def shutdown(ok: bool = True) -> None:
+    """Leave the process group: after a barrier when the run ended well (no rank tears down a collective
+    another is still in), at once after an error (the others are in another collective: waiting for them
+    would hang until the timeout; they fail when this process is gone)."""
     if is_initialized():
-        with contextlib.suppress(Exception):
-            dist.barrier()
+        if ok:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
 
 
@@ -186,8 +192,9 @@ def all_gather_objects(obj: T) -> list[T]:
 
 
 def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Each numeric value of ``metrics`` averaged over ranks (others: rank 0's): for per-rank means over shares
-    of equal size (a std, min or max becomes the mean of the ranks' values)."""
+    """Each numeric value of ``metrics`` over ranks: ``*_max`` / ``*_min`` their max / min, others averaged
+    (per-rank means over shares of equal size; a std becomes the mean of the ranks' stds); non-numbers:
+    rank 0's."""
     if world_size() == 1:
         return metrics
     every = all_gather_objects(metrics)
@@ -196,7 +203,8 @@ def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             vals = [m.get(k) for m in every]
             if all(isinstance(x, (int, float)) for x in vals):
-                out[k] = sum(vals) / len(vals)
+                pick = max if k.endswith("_max") else min if k.endswith("_min") else None
+                out[k] = pick(vals) if pick else sum(vals) / len(vals)
     return out
 
 
@@ -214,10 +222,12 @@ class _BackboneForward(torch.nn.Module):
         self.lm = lm
 
     def forward(self, **kwargs: Any) -> Any:  # noqa: ANN401
-        return decoder_of(self.lm)(**kwargs)
+        return _decoder_forward(self.lm, **kwargs)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
+    if not dist.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

@@ -38,13 +38,16 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto``: this process's GPU (``cuda:$LOCAL_RANK``) when CUDA is available, else the CPU; ``cpu``,
-    ``cuda`` and ``cuda:N`` as given (a CUDA device without CUDA is an error naming the key)."""
+    """``auto``: this process's GPU (``cuda:$LOCAL_RANK``) when CUDA is available, else the CPU; ``cpu`` and
+    ``cuda:N`` as given; ``cuda`` is ``cuda:$LOCAL_RANK`` under torchrun (a CUDA device without CUDA is an error
+    naming the key)."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cpu")
     device = torch.device(spec)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: this rank's GPU
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={spec!r}, but CUDA is not available on this machine (use device=cpu or auto)")
     return device
@@ -168,13 +171,15 @@ class StepTimer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.t0 = time.perf_counter()
 
-    def stats(self, tokens: int, seq_len: int = 0) -> dict[str, float]:
+    def stats(self, tokens: int, seq_len: int = 0, devices: int = 1) -> dict[str, float]:
+        """``tokens_per_s`` of the step (``tokens``: all ranks'), ``mfu`` per device (``devices`` of this
+        device's peak), peak CUDA memory of this device."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once per step: the time must include the queued kernels
         dt = max(time.perf_counter() - self.t0, 1e-9)
         out = {"tokens_per_s": tokens / dt}
         if self.peak:
-            out["mfu"] = tokens * flops_per_token(self.model, seq_len) / dt / self.peak
+            out["mfu"] = tokens * flops_per_token(self.model, seq_len) / dt / (self.peak * devices)
         if self.device.type == "cuda":
             out["mem_peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["mem_peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30

@@ -36,6 +36,7 @@ class StepMetrics:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
         self.last: dict[str, Tensor] = {}
+        self._reduced = False  # result(over_ranks=True) reduces once
 
     def add(self, metrics: Mapping[str, Tensor | float]) -> None:
         vals = {k: torch.as_tensor(v).detach().double() for k, v in metrics.items()}
@@ -69,15 +70,18 @@ class StepMetrics:
         return {**out, **{k: float(v) for k, v in self.last.items()}}
 
     def _reduce_over_ranks(self) -> None:
+        # one all-reduce of every sum and count (ranks add the same names: every loss emits a fixed set per config)
         from alignkit import distributed
 
-        if distributed.world_size() == 1 or getattr(self, "_reduced", False):
+        if distributed.world_size() == 1 or self._reduced:
             return
         self._reduced = True
         keys = [("s", k) for k in sorted(self.sums)] + [("c", k) for k in sorted(self.counts)]
         keys += [("l", k) for k in sorted(self.last)]
         where = {"s": self.sums, "c": self.counts, "l": self.last}
-        flat = distributed.all_reduce_sum(torch.stack([where[t][k].reshape(()) for t, k in keys]))
+        values = [where[t][k].reshape(()) for t, k in keys]
+        dev = values[0].device  # counts added as floats sit on the CPU beside device losses: one device
+        flat = distributed.all_reduce_sum(torch.stack([v.to(dev) for v in values]))
         for (t, k), v in zip(keys, flat):
             where[t][k] = v / distributed.world_size() if t == "l" else v  # a batch-global input: its mean
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignkit import distributed
 from alignkit.data.collate import pad_collate
 from alignkit.distributed import backbone_route
 from alignkit.hardware import to_device
@@ -340,7 +341,10 @@ def completion_logps(
     dev = next(model.parameters()).device
     # keep_logits_mb only acts where a backward follows (chunked_token_logps checks grad mode itself)
     kw = {"temperature": temperature, "extras": extras, "token_chunk": token_chunk, "keep_logits_mb": keep_logits_mb}
-    if not shared_prefix or is_checkpointing(model):
+    # FSDP2 over several ranks: every forward gathers shards with the others, so each rank must run as many; runs of
+    # equal prompts depend on the data, the padded rows are one forward
+    in_step = distributed.is_fsdp(model) and distributed.world_size() > 1
+    if not shared_prefix or is_checkpointing(model) or in_step:
         b = {k: v.to(dev) for k, v in _prompt_completion_rows(prompt_ids, completion_ids, pad_id).items()}
         res = model_token_logps(model, labels=b.pop("labels"), **b, **kw)
         cm = cm.to(dev)

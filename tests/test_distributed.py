@@ -97,13 +97,16 @@ LOOPS: dict[str, tuple[str, list[str]]] = {
                     "reference_cache_dir={out}/refcache"]),
     "reward": ("reward", ["dataset={w}/pairs.jsonl", "batch_size=4", "grad_accum=2", "lr=1e-3"]),
     "prm": ("prm", ["dataset={w}/prm.jsonl", "batch_size=4", "grad_accum=2", "lr=1e-3"]),
-    # completions are a function of the prompt, so the round does not depend on how the ranks split it
+    # completions are a function of the prompt, so the round does not depend on how the ranks split it; padded
+    # scoring everywhere (FSDP2 over ranks cannot share prompts: test_grpo_shared_prefix_under_ddp covers that path)
     "grpo": ("grpo", ["dataset={w}/prompts.jsonl", "backend=tests.distributed_support.prompt_function_generator",
                       "rewards=[tests.distributed_support.even_tokens]", "group_size=4", "prompts_per_step=4",
-                      "micro_batch_size=4", "max_new_tokens=6", "lr=1e-3", "kl_coef=0.05"]),
+                      "micro_batch_size=4", "max_new_tokens=6", "lr=1e-3", "kl_coef=0.05",
+                      "shared_prefix=false"]),
     "rloo": ("rloo", ["dataset={w}/prompts.jsonl", "backend=tests.distributed_support.prompt_function_generator",
                       "rewards=[tests.distributed_support.even_tokens]", "group_size=4", "prompts_per_step=4",
-                      "micro_batch_size=2", "max_new_tokens=6", "lr=1e-3", "steps_per_generation=1"]),
+                      "micro_batch_size=2", "max_new_tokens=6", "lr=1e-3", "steps_per_generation=1",
+                      "shared_prefix=false"]),
 }  # fmt: skip
 
 
@@ -154,7 +157,7 @@ def test_two_ranks_equal_one_process(work, loop, parallel):
     out = work / f"two-{loop}-{parallel}"
     cmd, args = _args(loop, work, out, f"parallel={parallel}")
     if loop == "sft" and parallel == "ddp":
-        alignkit(cmd, [*args, "nproc=2"])  # `nproc=2` starts torchrun itself
+        alignkit(cmd, [*args, "nproc=2", "progress=true"])  # `nproc=2` starts torchrun; rank 1's bar is disabled
     else:
         alignkit(cmd, args, nproc=2)
     assert_same_run(baseline(loop, work), out)
@@ -202,6 +205,14 @@ def test_grpo_hf_backend_two_ranks_equal_one_process(work, parallel):
     assert_same_run(one, out)
     lengths = [r["completion_length"] for r in read_metrics(one)]
     assert lengths == [r["completion_length"] for r in read_metrics(out)] and len(set(lengths)) > 1  # sampled
+
+
+def test_grpo_shared_prefix_under_ddp(work):
+    """Shared-prompt scoring (one prompt pass per group) through DDP's forward equals one process doing the same."""
+    out = work / "two-grpo-shared-ddp"
+    cmd, args = _args("grpo", work, out, "shared_prefix=true", "parallel=ddp")
+    alignkit(cmd, args, nproc=2)
+    assert_same_run(baseline("grpo", work, ("shared_prefix=true",)), out)
 
 
 def test_fsdp2_bf16_mixed_policy(work):

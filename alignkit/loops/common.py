@@ -235,13 +235,16 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     checkpoint (a corrupt one is reported and skipped); the metrics log (truncated after the resumed step).
     Refuses to start without room for two checkpoints. ``cfg`` needs the ``OptimBlock`` and ``RunBlock`` keys."""
     out_dir = Path(cfg.output_dir)
-    run_id = run_dir.run_id_of(out_dir) or prepare_run_dir(cfg)  # the loops call prepare_run_dir before loading
+    # the loops call prepare_run_dir before loading; rank 0 reads the id (another rank's view of a shared file
+    # system may lag) and every rank takes part in the broadcast
+    run_id = distributed.broadcast_object(run_dir.run_id_of(out_dir) if distributed.is_main() else None)
+    run_id = run_id or prepare_run_dir(cfg)
     distributed.parallelize(model, cfg)  # before the optimizer: under FSDP2 it steps the shards
     master = hardware.MasterWeights(model) if getattr(cfg, "precision", "fp32") == "bf16" else None
     optimizer = make_optimizer(master.params if master else model, cfg.lr, cfg.weight_decay, betas=betas)
     schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ckpt = find_resumable(out_dir) if cfg.resume else None
+    ckpt = distributed.broadcast_object(find_resumable(out_dir) if cfg.resume and distributed.is_main() else None)
     state: dict[str, Any] = {}
     if ckpt is not None:
         if master is not None:  # the optimizer's tensors are the master copies: fill them before its state
@@ -272,11 +275,14 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
 def step_range(run: Run, desc: str) -> Iterable[int]:
     """Steps ``run.start .. total_steps - 1``, as a tqdm bar when ``cfg.progress`` (it has ``set_postfix``)."""
     steps = range(run.start, run.total_steps)
-    if not run.cfg.progress or not distributed.is_main():
+    if not run.cfg.progress:
         return steps
     from tqdm.auto import tqdm
 
-    return tqdm(steps, initial=run.start, total=run.total_steps, desc=desc, unit="step")
+    # ranks other than 0: a disabled bar, so the loops' set_postfix calls stay valid
+    return tqdm(
+        steps, initial=run.start, total=run.total_steps, desc=desc, unit="step", disable=not distributed.is_main()
+    )
 
 
 def optimizer_step(run: Run, model: torch.nn.Module, loss: torch.Tensor | float | None = None) -> tuple:
@@ -293,10 +299,10 @@ def optimizer_step(run: Run, model: torch.nn.Module, loss: torch.Tensor | float 
         run.master.grads_to_master()
     params = run.master.params if run.master is not None else [p for p in model.parameters() if p.requires_grad]
     grad_norm = distributed.data_parallel_grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if isinstance(loss, torch.Tensor):
-        loss = distributed.all_reduce_sum(loss)  # every rank takes the same skip decision
     lr = run.scheduler.get_last_lr()[0]
     bad = not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(float(loss)))
+    if distributed.world_size() > 1:  # every rank takes the same skip decision
+        bad = bool(distributed.all_reduce_sum(torch.tensor(float(bad))) > 0)
     run.skipped = bad
     if bad:
         run.nonfinite_steps += 1
@@ -347,7 +353,7 @@ def end_step(
     if run.timer is None:
         run.timer = hardware.StepTimer(model, next(model.parameters()).device)
     else:  # speed and memory of this step (the timer restarts after the bookkeeping below)
-        record.update(run.timer.stats(int(record.get("num_tokens", 0))))
+        record.update(run.timer.stats(int(record.get("num_tokens", 0)), devices=distributed.world_size()))
     if run.skipped or run.nonfinite_steps:
         record.update(skipped_nonfinite=run.skipped, nonfinite_steps=run.nonfinite_steps)
     if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record or run.skipped:

@@ -73,10 +73,10 @@ class ParallelBlock(Checked):
         require(self, grad_accum is None or grad_accum % world == 0, "grad_accum",
                 f"a multiple of the WORLD_SIZE={world} ranks: each rank runs grad_accum / WORLD_SIZE of a step's "
                 "micro-batches")  # fmt: skip
-        if self.parallel == "fsdp2":
+        if self.parallel == "fsdp2" or world > 1:
             require(self, getattr(self, "precision", "fp32") != "bf16", "precision",
-                    "fp32 or bf16-mixed under parallel=fsdp2 (FSDP2 keeps fp32 sharded weights and computes in bf16 "
-                    "with bf16-mixed)")  # fmt: skip
+                    "fp32 or bf16-mixed under several processes or parallel=fsdp2 (bf16's fp32 master copies are "
+                    "not in the sharded checkpoint; bf16-mixed computes in bf16 over fp32 weights)")  # fmt: skip
 
 
 @dataclass

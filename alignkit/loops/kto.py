@@ -32,7 +32,6 @@ import torch
 from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
-from alignkit.distributed import env_world_size
 from alignkit.loops import common
 from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
 from alignkit.losses.unpaired import BCOState, bco_loss, kto_loss, kto_reference_point, kto_weight_ratio
@@ -56,7 +55,7 @@ class KTOConfig(OfflineConfig, ReferenceBlock):
         require(self, self.beta > 0, "beta", "a number > 0")
         require(self, self.desirable_weight > 0, "desirable_weight", "a number > 0")
         require(self, self.undesirable_weight > 0, "undesirable_weight", "a number > 0")
-        require(self, self.loss != "bco" or env_world_size() == 1, "loss",
+        require(self, self.loss != "bco" or distributed.env_world_size() == 1, "loss",
                 "kto or apo_zero_unpaired under several ranks: BCO's running reward mean follows the micro-batch "
                 "order, which the ranks split")  # fmt: skip
 

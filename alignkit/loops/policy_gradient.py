@@ -25,11 +25,10 @@ from torch import Tensor
 from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.prompts import load_prompts, round_prompts
-from alignkit.distributed import env_world_size
 from alignkit.loops import common
 from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.advantages import ADVANTAGES
-from alignkit.losses.aggregation import AGGREGATIONS, step_normalizer
+from alignkit.losses.aggregation import AGGREGATIONS, step_count
 from alignkit.losses.policy import pg_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import load_model_and_tokenizer, pad_token_id
@@ -116,7 +115,9 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
         require(self, self.agg in AGGREGATIONS, "agg", f"one of {sorted(AGGREGATIONS)}")
         require(self, self.kl_coef >= 0, "kl_coef", "a number >= 0")
         require(self, 0 < self.top_p <= 1, "top_p", "a probability in (0, 1]")
-        world = env_world_size()  # several ranks: each generates and trains on its share of every step's prompts
+        world = (
+            distributed.env_world_size()
+        )  # several ranks: each generates and trains on its share of every step's prompts
         require(self, self.prompts_per_step % world == 0, "prompts_per_step",
                 f"a multiple of the WORLD_SIZE={world} ranks (each rank takes whole groups)")  # fmt: skip
         require(self, world == 1 or (self.scale_rewards != "batch" and not self.normalize_advantages),
@@ -190,9 +191,10 @@ def micro_loss(
 
 def round_normalizer(batch: RolloutBatch, rows: Sequence[int], cfg: RLConfig) -> float:
     """The aggregation's D over ALL micro-batches of the step made of the round's ``rows`` (masked truncated
-    completions do not count)."""
+    completions do not count), summed over the ranks' shares before it is clamped to >= 1."""
     counted = batch.cmask[rows] & batch.keep[rows].unsqueeze(1)
-    return step_normalizer(cfg.agg, counted, cfg.max_new_tokens)
+    local = step_count(cfg.agg, counted, cfg.max_new_tokens)
+    return max(float(distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64))), 1.0)
 
 
 # summed over micro-batches (already divided by the step's normaliser, or counts); the rest are token-weighted
@@ -314,9 +316,9 @@ def train_policy_gradient(
         n = cfg.prompts_per_step // distributed.world_size() * cfg.group_size
         rows = list(range(chunk * n, (chunk + 1) * n))
         # the normalisers count the whole step: every rank's rows
-        local = [round_normalizer(batch, rows, cfg), float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())]
-        normalizer, n_tokens = distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        n_tokens = max(n_tokens, 1.0)
+        normalizer = round_normalizer(batch, rows, cfg)
+        counted = float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())
+        n_tokens = max(float(distributed.all_reduce_sum(torch.tensor(counted, dtype=torch.float64))), 1.0)
         acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
         micro = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
         for j, mb in enumerate(micro):

@@ -50,7 +50,7 @@ def _token_sum_constant(L: Tensor, m: Tensor) -> tuple[Tensor, None]:
 
 
 def _tokens(m: Tensor, max_new_tokens: int) -> float:
-    return float(max(int(count_tokens(m)), 1))
+    return float(int(count_tokens(m)))  # 0 when nothing counts: step_normalizer clamps after summing over ranks
 
 
 def _sequences(m: Tensor, max_new_tokens: int) -> float:
@@ -77,11 +77,17 @@ def _mode(mode: str) -> Aggregation:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose from {sorted(AGGREGATIONS)}") from None
 
 
+def step_count(mode: str, mask: Tensor, max_new_tokens: int = 0) -> float:
+    """The unit count behind ``mode``'s normaliser for the rows in ``mask`` (tokens, sequences, or sequences x
+    ``max_new_tokens``), unclamped: a rank's share of a step, to be summed over ranks before clamping."""
+    return _mode(mode).step_normalizer(mask, max_new_tokens)
+
+
 def step_normalizer(mode: str, mask: Tensor, max_new_tokens: int = 0) -> float:
     """The normaliser D of ``mode`` for one optimizer step: ``mask`` ``[N,T]`` covers ALL the step's rows (every
-    micro-batch; rows that must not count, e.g. masked truncations, all False). Divide by the world size W
-    for averaging data-parallel backends after summing the counts over ranks."""
-    return _mode(mode).step_normalizer(mask, max_new_tokens)
+    micro-batch; rows that must not count, e.g. masked truncations, all False), at least 1. Under several ranks
+    sum their :func:`step_count` and clamp the sum the same way (``max(total, 1)``)."""
+    return max(step_count(mode, mask, max_new_tokens), 1.0)
 
 
 def aggregate(L: Tensor, m: Tensor, *, mode: str, normalizer: Normalizer) -> Tensor:
