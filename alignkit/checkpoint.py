@@ -374,6 +374,20 @@ def _save_sharded(
     return final
 
 
+FINAL_MODEL = "final_model"  # RUN_DIR/final_model: the finished run's HF folder, at a path that does not change
+
+
+def publish_final_model(run_dir: str | Path, ckpt: Path) -> Path:
+    """Point ``RUN_DIR/final_model`` at the run's last checkpoint (a relative symlink, replaced atomically): the
+    model loads with ``from_pretrained(RUN_DIR/final_model)`` whatever its step."""
+    link = Path(run_dir) / FINAL_MODEL
+    tmp = link.with_name(f".{FINAL_MODEL}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(ckpt.name, target_is_directory=True)
+    os.replace(tmp, link)
+    return link
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, else the highest-step complete one (not verified: see `find_resumable`)."""
     run_dir = Path(run_dir)

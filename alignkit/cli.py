@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkit import __version__, distributed
+from alignkit import launch as launch_module
 from alignkit.config import ConfigError, describe_keys, load_config
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
@@ -88,11 +89,29 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", help="YAML file of config keys")
         p.add_argument("overrides", nargs="*", help="key=value pairs overriding the config file")
     sub.add_parser("env", parents=[common], help="versions of Python, torch (+ CUDA), transformers and the extras")
+    p = sub.add_parser(
+        "launch",
+        parents=[common],
+        help="a loop under torchrun, or as a SLURM / SkyPilot job",
+        description=launch_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    launch_module.add_arguments(p)
     p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
+    if args.command == "launch":
+
+        def start() -> None:
+            world = args.nproc * args.nnodes  # a bad config (a split the ranks cannot share) fails here
+            check_loop_args(args.loop_args, commands, world_size=world)
+            launched.append(launch_module.launch(args))
+
+        launched: list[int] = []
+        rc = _run("launch", args.debug, start)
+        return launched[0] if launched and rc == 0 else rc
     if args.command == "env":
         print(environment_report())
         return 0
@@ -124,6 +143,31 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = _run(args.command, args.debug, run)
     return launched[0] if launched and rc == 0 else rc
+
+
+def check_loop_args(loop_args: list[str], commands: dict[str, tuple[str, str, str]], world_size: int = 1) -> None:
+    """Build the config that ``alignkit LOOP_ARGS`` would run on ``world_size`` ranks (its errors raised here,
+    naming the key)."""
+    import importlib
+    import os
+
+    if not loop_args or loop_args[0] not in commands:
+        raise ValueError(f"launch: name a loop first ({', '.join(sorted(commands))}), got {loop_args[:1]}")
+    rest, config = list(loop_args[1:]), None
+    if "--config" in rest:
+        i = rest.index("--config")
+        config, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
+    module_name, config_name, _ = commands[loop_args[0]]
+    cls = getattr(importlib.import_module(module_name), config_name)
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)  # the config checks read it, as they will on every rank
+    try:
+        load_config(cls, config, [r for r in rest if "=" in r])
+    finally:
+        if before is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = before
 
 
 def environment_report() -> str:

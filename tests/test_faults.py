@@ -432,3 +432,17 @@ def test_metrics_are_strict_json_with_null_for_non_finite(tmp_path):
     recs = {r["step"]: r for r in (json.loads(ln, parse_constant=refuse) for ln in lines)}
     assert recs[2]["skipped_nonfinite"] is True and recs[2]["loss"] is None
     assert isinstance(recs[3]["loss"], float)
+
+
+def test_final_model_is_a_stable_path_to_the_last_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train_sft(_cfg(run, max_steps=3), model=_model(), tokenizer=TOK, train_data=ROWS)
+    final = run / "final_model"
+    assert final.is_symlink() and final.resolve() == (run / "checkpoint-3").resolve()
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in _weights(run / "checkpoint-3").items())
+    train_sft(_cfg(run, max_steps=5, resume=True, allow_config_change=["max_steps"]), model=_model(), tokenizer=TOK,
+              train_data=ROWS)  # fmt: skip
+    assert final.resolve() == (run / "checkpoint-5").resolve()  # a longer resumed run moves it

@@ -32,6 +32,7 @@ from alignkit.checkpoint import (
     find_resumable,
     load_checkpoint,
     load_model_weights,
+    publish_final_model,
     save_checkpoint,
 )
 from alignkit.data.plan import plan_batches
@@ -359,7 +360,7 @@ def end_step(
     if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record or run.skipped:
         run.log.log(record)
     if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-        save_checkpoint(
+        saved = save_checkpoint(
             run.run_dir,
             done,
             model=model,
@@ -374,6 +375,8 @@ def end_step(
             keep_last=cfg.keep_last,
             run_id=run.run_id,
         )
+        if done == total_steps and distributed.is_main():
+            publish_final_model(run.run_dir, saved)
     for cb in callbacks:
         cb(done, record)
     run.timer.start()

@@ -273,6 +273,7 @@ def train_dpo(
             acc.add({"loss": loss.detach(), **metrics, "num_tokens": float(batch["n_tokens"])})
         stats = acc.result(over_ranks=True)
         n_tokens = int(stats.pop("num_tokens"))
+        stats.pop("n_pairs", None)  # the record's num_pairs: one name per quantity
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
         done = step + 1
         reference.after_step(model, done)
