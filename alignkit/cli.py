@@ -8,10 +8,13 @@ Row errors name the file and line they came from. ``--debug`` (before or after t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
 from typing import Any
+
+import yaml
 
 from alignkit import __version__, distributed
 from alignkit import launch as launch_module
@@ -19,6 +22,7 @@ from alignkit.config import ConfigError, describe_keys, load_config
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
 from alignkit.errors import AlignkitError
+from alignkit.trl_compat import trl_flags_to_overrides
 
 # command -> (module, config dataclass, run function); imported only when that command runs
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             epilog = describe_keys(getattr(importlib.import_module(module_name), config_name))
         p = sub.add_parser(name, parents=[common], help=f"run `{name}` (config keys as key=value)", epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-        p.add_argument("--config", help="YAML file of config keys")
-        p.add_argument("overrides", nargs="*", help="key=value pairs overriding the config file")
+        p.add_argument("--config", help="YAML file of config keys (alignkit's or TRL's)")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument("overrides", nargs="*", help="key=value pairs (or TRL --flags) overriding the config file")
     sub.add_parser("env", parents=[common], help="versions of Python, torch (+ CUDA), transformers and the extras")
     p = sub.add_parser(
         "launch",
@@ -97,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     launch_module.add_arguments(p)
+    p = sub.add_parser("convert-config", parents=[common], help="a TRL config as alignkit's (printed as YAML)")
+    p.add_argument("file")
+    p.add_argument("--loop", required=True, choices=[c for c in commands if c != "demo"])
     p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
+    if argv and argv[0] in commands:  # TRL-style `--learning_rate 2e-5 --packing` flags as key=value overrides
+        argv = [argv[0], *trl_flags_to_overrides(argv[1:], known={"--config", "--debug", "--help", "--dry-run"})]
     args = parser.parse_args(argv)
 
     if args.command == "launch":
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         launched: list[int] = []
         rc = _run("launch", args.debug, start)
         return launched[0] if launched and rc == 0 else rc
+    if args.command == "convert-config":
+        return _run("convert-config", args.debug, lambda: print(convert_config(args.file, commands[args.loop]), end=""))
     if args.command == "env":
         print(environment_report())
         return 0
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         cfg = load_config(getattr(module, config_name), args.config, args.overrides)
+        if args.dry_run:
+            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+            return
         if getattr(cfg, "nproc", 1) > 1 and distributed.env_world_size() == 1:
             launched.append(launch_torchrun(cfg.nproc, argv))  # the config is valid: start the ranks
             return
@@ -143,6 +158,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = _run(args.command, args.debug, run)
     return launched[0] if launched and rc == 0 else rc
+
+
+def convert_config(path: str, command: tuple[str, str, str]) -> str:
+    """The alignkit YAML of a TRL config file for the loop ``command`` (validated; notices on stderr)."""
+    import importlib
+
+    from alignkit.config import build_config
+    from alignkit.trl_compat import translate
+
+    module_name, config_name, _ = command
+    cls = getattr(importlib.import_module(module_name), config_name)
+    data = yaml.safe_load(open(path).read()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    native = translate(cls, data)
+    build_config(cls, native)  # refuses what the loop would refuse
+    return yaml.safe_dump(native, sort_keys=False)
 
 
 def check_loop_args(loop_args: list[str], commands: dict[str, tuple[str, str, str]], world_size: int = 1) -> None:

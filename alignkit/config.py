@@ -23,9 +23,20 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown_key(cls: type, key: str) -> ConfigError:
+    from alignkit import trl_compat
+
     valid = sorted(_fields(cls))
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    # TRL's names compete with ours for the hint, so a near-miss of a TRL key (num_generation) is never pointed at
+    # one of ours that means something else (num_iterations)
+    trl = {k: r for k, r in trl_compat.rules_for(trl_compat.LOOPS.get(cls.__name__, "")).items() if k not in valid}
+    close = difflib.get_close_matches(key, valid + sorted(trl), n=1, cutoff=0.5)
+    hint = ""
+    if close and close[0] in trl:
+        rule = trl[close[0]]
+        meaning = f"read as {rule.key}" if isinstance(rule, trl_compat.Rename) else "not supported"
+        hint = f" Did you mean TRL's {close[0]!r} ({meaning})?"
+    elif close:
+        hint = f" Did you mean {close[0]!r}?"
     return ConfigError(f"unknown {cls.__name__} key {key!r}.{hint} Valid keys: {', '.join(valid)}")
 
 
@@ -122,7 +133,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         values.update(data)
     values.update(parse_overrides(overrides or []))
-    return build_config(cls, values)
+    from alignkit.trl_compat import translate
+
+    return build_config(cls, translate(cls, values))  # TRL keys -> ours (a notice each), or refused
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

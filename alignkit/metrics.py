@@ -19,7 +19,7 @@ from torch import Tensor
 
 from alignkit.checkpoint import write_atomic
 
-__all__ = ["StepMetrics", "MetricsLog", "NullLog", "read_metrics"]
+__all__ = ["StepMetrics", "MetricsLog", "NullLog", "read_metrics", "tensorboard_tag", "step_line"]
 
 
 class StepMetrics:
@@ -86,11 +86,31 @@ class StepMetrics:
             where[t][k] = v / distributed.world_size() if t == "l" else v  # a batch-global input: its mean
 
 
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metric: grouped as ``eval/``, ``reward/``, ``timing/`` (speed, memory, times) or
+    ``train/``, so each group is one section of the dashboard."""
+    if key.startswith("eval_"):
+        return f"eval/{key[5:]}"
+    if key.startswith(("reward", "advantage", "kl_reward/")):
+        return f"reward/{key}"
+    if key.endswith("_s") or key in ("mfu", "weight_sync_s") or key.startswith("mem_"):
+        return f"timing/{key}"
+    return f"train/{key}"
+
+
 class MetricsLog:
     """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once), optionally mirrors
-    scalars to TensorBoard. On resume, lines after the resumed step are dropped so the log stays exact."""
+    scalars to TensorBoard (grouped tags, :func:`tensorboard_tag`; the run's config as a text table). On resume,
+    lines after the resumed step are dropped so the log stays exact."""
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -106,6 +126,9 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if hparams:
+                table = "\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v!r} |" for k, v in hparams.items()])
+                self._tb.add_text("config", table, 0)
 
     def log(self, record: dict[str, Any]) -> None:
         rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
@@ -116,12 +139,23 @@ class MetricsLog:
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, rec["step"])
+                    self._tb.add_scalar(tensorboard_tag(k), v, rec["step"])
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def step_line(record: dict[str, Any], total_steps: int) -> str:
+    """One line of a logged step's key metrics (printed when the progress bar is off)."""
+    keys = ("loss", "eval_loss", "reward", "rewards/accuracies", "accuracy", "lr", "grad_norm", "tokens_per_s")
+    parts = [f"step {record['step']}/{total_steps}"]
+    for k in keys:
+        v = record.get(k)
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+    return "[alignkit] " + " ".join(parts)
 
 
 class NullLog:

@@ -20,7 +20,8 @@ def test_overrides_are_typed(tmp_path):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("learning_rate=1e-4", "unknown SFTConfig key 'learning_rate'"),
+        ("learnin_rate=1e-4", "unknown SFTConfig key 'learnin_rate'. Did you mean TRL's 'learning_rate' (read as lr)?"),
+        ("learning_rate=fast", "SFTConfig.lr: expected float"),  # TRL's name, read as ours
         ("lr=fast", "SFTConfig.lr: expected float"),
         ("packing=maybe", "expected true/false"),
         ("schedule=exp", "not one of ['cosine', 'linear', 'constant']"),

@@ -23,7 +23,7 @@ def _rows(n=64):
     return [{"messages": r["messages"]} for r in make_rows(n, 2, seed=0)]
 
 
-def test_cli_on_local_model_and_jsonl(tmp_path):
+def test_cli_on_local_model_and_jsonl(tmp_path, capsys):
     tok = byte_tokenizer()
     model_dir = tmp_path / "model"
     _model(tok).save_pretrained(model_dir)
@@ -53,6 +53,15 @@ def test_cli_on_local_model_and_jsonl(tmp_path):
     assert all(r["num_trained_tokens"] > 0 and r["num_tokens"] > r["num_trained_tokens"] for r in records)
     assert "eval_loss" in records[1] and "eval_loss" in records[3]
     assert any((out / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "timing/step_time_s"} <= scalars, scalars
+    assert not {t for t in scalars if "/" not in t}  # every tag grouped
+    assert any("config" in t for t in events.Tags()["tensors"])  # the run's config as a text table
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alignkit] step ")]
+    assert lines[0].startswith("[alignkit] step 1/4 loss=") and len(lines) == 4  # no bar: one line per step
     assert (out / "latest").read_text().strip() == "checkpoint-4"
     from transformers import AutoModelForCausalLM
 

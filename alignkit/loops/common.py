@@ -15,6 +15,7 @@ A loop is, top to bottom::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -37,7 +38,7 @@ from alignkit.checkpoint import (
 )
 from alignkit.data.plan import plan_batches
 from alignkit.errors import TrainingDiverged
-from alignkit.metrics import MetricsLog, NullLog
+from alignkit.metrics import MetricsLog, NullLog, step_line
 from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
 from alignkit.reference import Reference, ReferenceInputs, build_reference
 
@@ -186,6 +187,12 @@ def make_optimizer(model: torch.nn.Module | Iterable[torch.Tensor], lr: float, w
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def warmup_steps(cfg: Any, total_steps: int) -> int:
+    """``cfg.warmup_steps``, or ``ceil(cfg.warmup_ratio * total_steps)`` when a ratio is given."""
+    ratio = getattr(cfg, "warmup_ratio", 0.0)
+    return cfg.warmup_steps or (math.ceil(ratio * total_steps) if ratio else 0)
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):  # noqa: ANN201
     """Multiplier of the peak learning rate at each step: linear warmup, then cosine / linear / constant."""
     if schedule not in ("cosine", "linear", "constant"):
@@ -243,7 +250,7 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     distributed.parallelize(model, cfg)  # before the optimizer: under FSDP2 it steps the shards
     master = hardware.MasterWeights(model) if getattr(cfg, "precision", "fp32") == "bf16" else None
     optimizer = make_optimizer(master.params if master else model, cfg.lr, cfg.weight_decay, betas=betas)
-    schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total_steps), total_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ckpt = distributed.broadcast_object(find_resumable(out_dir) if cfg.resume and distributed.is_main() else None)
     state: dict[str, Any] = {}
@@ -254,7 +261,7 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
             optimizer = make_optimizer(master.params, cfg.lr, cfg.weight_decay, betas=betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        schedule_for = lambda total: lr_lambda(cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)  # noqa: E731
+        schedule_for = lambda total: lr_lambda(cfg.schedule, warmup_steps(cfg, total), total, cfg.min_lr_ratio)  # noqa: E731
         run_dir.check_run_length(cfg, state, total_steps, schedule, schedule_for)
         if master is not None and state.get("master") is not None:
             master.load_state_dict(state["master"])  # exact fp32 values, not the bf16-rounded model weights
@@ -269,7 +276,10 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     start = int(state.get("step", 0))
     log: MetricsLog | NullLog = NullLog()  # rank 0 writes the metrics
     if distributed.is_main():
-        log = MetricsLog(out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard)
+        hparams = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        log = MetricsLog(
+            out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard, hparams=hparams
+        )
     return Run(cfg, total_steps, out_dir, optimizer, scheduler, log, start, state, run_id, master=master)
 
 
@@ -359,6 +369,8 @@ def end_step(
         record.update(skipped_nonfinite=run.skipped, nonfinite_steps=run.nonfinite_steps)
     if done % cfg.log_every == 0 or done == total_steps or "eval_loss" in record or run.skipped:
         run.log.log(record)
+        if not cfg.progress and distributed.is_main():  # no bar: one line per logged step instead
+            print(step_line(record, total_steps), flush=True)
     if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
         saved = save_checkpoint(
             run.run_dir,

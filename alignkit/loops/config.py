@@ -146,6 +146,7 @@ class OptimBlock:
     lr: float = 1e-6  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW; never on biases and norm weights
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
+    warmup_ratio: float = 0.0  # the warmup as a fraction of the run's steps instead (with warmup_steps=0)
     schedule: Literal["cosine", "linear", "constant"] = "linear"  # learning-rate decay after the linear warmup
     min_lr_ratio: float = 0.0  # floor of the cosine / linear decay, as a fraction of lr
     max_grad_norm: float | None = 1.0  # clip the gradient norm (None: measure only)
@@ -154,6 +155,9 @@ class OptimBlock:
         require(self, self.lr > 0, "lr", "a learning rate > 0")
         require(self, self.weight_decay >= 0, "weight_decay", "a number >= 0")
         require(self, self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        require(self, 0 <= self.warmup_ratio < 1, "warmup_ratio", "a fraction in [0, 1)")
+        require(self, not (self.warmup_ratio and self.warmup_steps), "warmup_ratio",
+                "0 when warmup_steps is set (one or the other)")  # fmt: skip
         require(self, 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a fraction in [0, 1]")
         require(self, self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "a number > 0 (or none)")
 
