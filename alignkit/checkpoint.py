@@ -381,6 +381,8 @@ def publish_final_model(run_dir: str | Path, ckpt: Path) -> Path:
     """Point ``RUN_DIR/final_model`` at the run's last checkpoint (a relative symlink, replaced atomically): the
     model loads with ``from_pretrained(RUN_DIR/final_model)`` whatever its step."""
     link = Path(run_dir) / FINAL_MODEL
+    if link.is_dir() and not link.is_symlink():  # a copied run folder turned the link into a copy: ours to replace
+        shutil.rmtree(link)
     tmp = link.with_name(f".{FINAL_MODEL}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(ckpt.name, target_is_directory=True)

@@ -291,9 +291,9 @@ def test_crash_then_resume_is_exact(tmp_path):
 
 
 def test_cli_reports_config_errors(capsys):
-    assert main(["reward", "learning_rate=1e-4"]) == 2
+    assert main(["reward", "learning_rat=1e-4"]) == 2
     err = capsys.readouterr().err
-    assert "unknown RewardConfig key 'learning_rate'" in err
+    assert "unknown RewardConfig key 'learning_rat'" in err
     assert main(["reward", "center_coef=lots"]) == 2
     assert "RewardConfig.center_coef" in capsys.readouterr().err
 
