@@ -18,6 +18,7 @@ import yaml
 
 from alignkit import __version__, distributed
 from alignkit import launch as launch_module
+from alignkit import sweep as sweep_module
 from alignkit.config import ConfigError, describe_keys, load_config
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
@@ -102,12 +103,32 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     launch_module.add_arguments(p)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("sweep", parents=[common], help="a loop over a grid or random draws of config values",
+                       description=sweep_module.__doc__, formatter_class=raw)  # fmt: skip
+    p.add_argument("loop", choices=[c for c in commands if c != "demo"])
+    p.add_argument("--config", help="the base YAML config (alignkit's or TRL's)")
+    p.add_argument("--sweep", help="a sweep file: method, parameters, n, seed")
+    p.add_argument("--out", help="the sweep's folder (default runs/sweep-LOOP)")
+    p.add_argument("--parallel", type=int, default=1, help="trials at a time")
+    p.add_argument("overrides", nargs="*", help="key=value (fixed) or key=a,b,c (swept)")
     p = sub.add_parser("convert-config", parents=[common], help="a TRL config as alignkit's (printed as YAML)")
     p.add_argument("file")
     p.add_argument("--loop", required=True, choices=[c for c in commands if c != "demo"])
     p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
+    if argv and argv[0] == "sweep":  # options anywhere: argparse cannot place them between the overrides
+        valued = {"--out", "--config", "--sweep", "--parallel"}
+        opts, rest, i = [], [], 1
+        while i < len(argv):
+            if argv[i] in valued and i + 1 < len(argv):
+                opts += argv[i : i + 2]
+                i += 2
+            else:
+                (opts if argv[i] in ("--debug", "-h", "--help") else rest).append(argv[i])
+                i += 1
+        argv = ["sweep", *opts, *rest]
     if argv and argv[0] in commands:  # TRL-style `--learning_rate 2e-5 --packing` flags as key=value overrides
         argv = [argv[0], *trl_flags_to_overrides(argv[1:], known={"--config", "--debug", "--help", "--dry-run"})]
     args = parser.parse_args(argv)
@@ -122,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         launched: list[int] = []
         rc = _run("launch", args.debug, start)
         return launched[0] if launched and rc == 0 else rc
+    if args.command == "sweep":
+        codes: list[int] = []
+        rc = _run("sweep", args.debug, lambda: codes.append(sweep(args, commands[args.loop])))
+        return codes[0] if codes and rc == 0 else rc
     if args.command == "convert-config":
         return _run("convert-config", args.debug, lambda: print(convert_config(args.file, commands[args.loop]), end=""))
     if args.command == "env":
@@ -158,6 +183,27 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = _run(args.command, args.debug, run)
     return launched[0] if launched and rc == 0 else rc
+
+
+def sweep(args: argparse.Namespace, command: tuple[str, str, str]) -> int:
+    """``alignkit sweep``: every trial's config is checked first, then the trials run (or resume); prints the
+    summary table; exit 1 when a trial failed."""
+    import importlib
+    from pathlib import Path
+
+    module_name, config_name, _ = command
+    cls = getattr(importlib.import_module(module_name), config_name)
+    fixed, swept = sweep_module.split_sweep_overrides(cls, args.overrides)
+    spec = sweep_module.load_sweep_file(args.sweep) if args.sweep else {"method": "grid", "parameters": {}}
+    spec["parameters"] = {**(spec.get("parameters") or {}), **swept}
+    trial_list = sweep_module.trials(spec)
+    for trial in trial_list:  # a bad value fails before any trial runs
+        load_config(cls, args.config, [*fixed, *(f"{k}={v}" for k, v in trial.items())], quiet=True)
+    out = Path(args.out or f"runs/sweep-{args.loop}")
+    print(f"[alignkit sweep] {len(trial_list)} trials of {args.loop} in {out}", file=sys.stderr)
+    rows = sweep_module.run_sweep(args.loop, args.config, fixed, trial_list, out, parallel=max(1, args.parallel))
+    print((out / "summary.md").read_text(), end="")
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 
 def convert_config(path: str, command: tuple[str, str, str]) -> str:

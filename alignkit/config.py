@@ -124,8 +124,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Read a YAML file (optional), apply `key=value` overrides, build and validate the dataclass."""
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, *, quiet: bool = False
+) -> C:
+    """Read a YAML file (optional), apply `key=value` overrides, build and validate the dataclass (TRL keys
+    translated, with a notice each unless ``quiet``)."""
     values: dict[str, Any] = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -135,7 +138,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     values.update(parse_overrides(overrides or []))
     from alignkit.trl_compat import translate
 
-    return build_config(cls, translate(cls, values))  # TRL keys -> ours (a notice each), or refused
+    notice = (lambda line: None) if quiet else None
+    return build_config(cls, translate(cls, values, notice=notice))  # TRL keys -> ours (a notice each), or refused
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
