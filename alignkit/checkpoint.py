@@ -439,6 +439,20 @@ def weight_files(ckpt: Path) -> list[Path]:
     return sorted(p for p in Path(ckpt).glob("*.safetensors") if p.name != OLD_STATE_TENSORS)
 
 
+def read_full_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's model weight files, refused when there are none or one is not finite."""
+    from safetensors.torch import load_file
+
+    files = weight_files(ckpt)
+    if not files:
+        raise CheckpointError(f"no .safetensors weights in {ckpt}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(f))
+    _check_finite(sd, ckpt)
+    return sd
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Load the safetensors weights of a checkpoint into an already built model (full or peft adapter); refuse
     weights that do not fit the model (a missing untied head included) or that are not finite."""
@@ -452,13 +466,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         _check_finite(sd, ckpt)
         set_peft_model_state_dict(model, sd)
         return
-    files = weight_files(ckpt)
-    if not files:
-        raise CheckpointError(f"no .safetensors weights in {ckpt}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(f))
-    _check_finite(sd, ckpt)
+    sd = read_full_weights(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
@@ -513,16 +521,12 @@ def _load_full_into_sharded(
 ) -> None:
     """A one-process checkpoint (full weights, optimizer state by parameter index) into an FSDP2 model: every
     rank reads the full tensors and keeps its shard of each."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import distribute_tensor
 
     if (ckpt / "adapter_model.safetensors").is_file():
         raise CheckpointError(f"{ckpt} holds a LoRA adapter from one process: resume it in one process or under ddp")
-    sd: dict[str, torch.Tensor] = {}
-    for f in weight_files(ckpt):
-        sd.update(load_file(f))
-    _check_finite(sd, ckpt)
+    sd = read_full_weights(ckpt)
     missing = [k for k in model.state_dict() if k not in sd and k not in _tied_keys(model)]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}")

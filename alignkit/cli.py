@@ -8,7 +8,6 @@ Row errors name the file and line they came from. ``--debug`` (before or after t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import yaml
 from alignkit import __version__, distributed
 from alignkit import launch as launch_module
 from alignkit import sweep as sweep_module
-from alignkit.config import ConfigError, describe_keys, load_config
+from alignkit.config import ConfigError, describe_keys, load_config, to_dict
 from alignkit.data.loading import track_sources
 from alignkit.data.rows import RowError
 from alignkit.errors import AlignkitError
@@ -46,6 +45,14 @@ def _available() -> dict[str, tuple[str, str, str]]:
 
 # errors about what the user gave (config, files, rows): one line, exit 2; never a programming error's TypeError
 INPUT_ERRORS = (RowError, ConfigError, ValueError, FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError)
+
+
+def config_class(command: tuple[str, str, str]) -> type:
+    """The config dataclass of a ``COMMANDS`` entry (its loop module imported only now)."""
+    import importlib
+
+    module_name, config_name, _ = command
+    return getattr(importlib.import_module(module_name), config_name)
 
 
 def _one_line(e: BaseException) -> str:
@@ -85,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in commands:
         epilog = None
         if name == asked:
-            import importlib
-
-            module_name, config_name, _ = commands[name]
-            epilog = describe_keys(getattr(importlib.import_module(module_name), config_name))
+            epilog = describe_keys(config_class(commands[name]))
         p = sub.add_parser(name, parents=[common], help=f"run `{name}` (config keys as key=value)", epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument("--config", help="YAML file of config keys (alignkit's or TRL's)")
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         cfg = load_config(getattr(module, config_name), args.config, args.overrides)
         if args.dry_run:
-            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return
         if getattr(cfg, "nproc", 1) > 1 and distributed.env_world_size() == 1:
             launched.append(launch_torchrun(cfg.nproc, argv))  # the config is valid: start the ranks
@@ -188,11 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 def sweep(args: argparse.Namespace, command: tuple[str, str, str]) -> int:
     """``alignkit sweep``: every trial's config is checked first, then the trials run (or resume); prints the
     summary table; exit 1 when a trial failed."""
-    import importlib
     from pathlib import Path
 
-    module_name, config_name, _ = command
-    cls = getattr(importlib.import_module(module_name), config_name)
+    cls = config_class(command)
     fixed, swept = sweep_module.split_sweep_overrides(cls, args.overrides)
     spec = sweep_module.load_sweep_file(args.sweep) if args.sweep else {"method": "grid", "parameters": {}}
     spec["parameters"] = {**(spec.get("parameters") or {}), **swept}
@@ -208,13 +210,10 @@ def sweep(args: argparse.Namespace, command: tuple[str, str, str]) -> int:
 
 def convert_config(path: str, command: tuple[str, str, str]) -> str:
     """The alignkit YAML of a TRL config file for the loop ``command`` (validated; notices on stderr)."""
-    import importlib
-
     from alignkit.config import build_config
     from alignkit.trl_compat import translate
 
-    module_name, config_name, _ = command
-    cls = getattr(importlib.import_module(module_name), config_name)
+    cls = config_class(command)
     data = yaml.safe_load(open(path).read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
@@ -226,7 +225,6 @@ def convert_config(path: str, command: tuple[str, str, str]) -> str:
 def check_loop_args(loop_args: list[str], commands: dict[str, tuple[str, str, str]], world_size: int = 1) -> None:
     """Build the config that ``alignkit LOOP_ARGS`` would run on ``world_size`` ranks (its errors raised here,
     naming the key)."""
-    import importlib
     import os
 
     if not loop_args or loop_args[0] not in commands:
@@ -235,8 +233,7 @@ def check_loop_args(loop_args: list[str], commands: dict[str, tuple[str, str, st
     if "--config" in rest:
         i = rest.index("--config")
         config, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
-    module_name, config_name, _ = commands[loop_args[0]]
-    cls = getattr(importlib.import_module(module_name), config_name)
+    cls = config_class(commands[loop_args[0]])
     before = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = str(world_size)  # the config checks read it, as they will on every rank
     try:

@@ -15,7 +15,6 @@ A loop is, top to bottom::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from alignkit.checkpoint import (
     publish_final_model,
     save_checkpoint,
 )
+from alignkit.config import to_dict
 from alignkit.data.plan import plan_batches
 from alignkit.errors import TrainingDiverged
 from alignkit.metrics import MetricsLog, NullLog, step_line
@@ -276,9 +276,8 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     start = int(state.get("step", 0))
     log: MetricsLog | NullLog = NullLog()  # rank 0 writes the metrics
     if distributed.is_main():
-        hparams = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
         log = MetricsLog(
-            out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard, hparams=hparams
+            out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard, hparams=to_dict(cfg)
         )
     return Run(cfg, total_steps, out_dir, optimizer, scheduler, log, start, state, run_id, master=master)
 
