@@ -1,4 +1,4 @@
-"""Command line: `alignkit sft --config file.yaml key=value ...`, `alignkit plot RUN_DIR`, `alignkit demo`.
+"""Command line: `alignkit sft --config file.yaml key=value ...`, `alignkit plot RUN_DIR ...`, `alignkit demo`.
 
 A command that fails on its input (config, data files, rows) or cannot go on (:class:`AlignkitError`) prints one
 line, ``alignkit CMD: error: MESSAGE``, to stderr and exits non-zero: 2 for input errors, 1 for run-time errors.
@@ -119,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert-config", parents=[common], help="a TRL config as alignkit's (printed as YAML)")
     p.add_argument("file")
     p.add_argument("--loop", required=True, choices=[c for c in commands if c != "demo"])
-    p = sub.add_parser("plot", parents=[common], help="plot RUN_DIR/metrics.jsonl to a PNG")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p = sub.add_parser("plot", parents=[common], help="plot runs' metrics.jsonl to a PNG (several: overlaid)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--keys", default=None, help="comma-separated metrics (globs allowed), one panel each")
+    p.add_argument("--out", default=None, help="the PNG (default RUN_DIR/curves.png; several runs: comparison.png)")
+    p.add_argument("--title", default=None)
     if argv and argv[0] == "sweep":  # options anywhere: argparse cannot place them between the overrides
         valued = {"--out", "--config", "--sweep", "--parallel"}
         opts, rest, i = [], [], 1
@@ -157,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(environment_report())
         return 0
     if args.command == "plot":
-        from alignkit.plot import plot_run
+        from alignkit.plot import plot_runs
 
-        return _run("plot", args.debug, lambda: print(plot_run(args.run_dir, args.out)))
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        return _run("plot", args.debug, lambda: print(plot_runs(args.run_dirs, args.out, keys=keys, title=args.title)))
     import importlib
 
     module_name, config_name, run_name = commands[args.command]

@@ -33,6 +33,7 @@ import yaml
 from alignkit.checkpoint import FINAL_MODEL, latest_checkpoint
 from alignkit.config import ConfigError
 from alignkit.metrics import read_metrics
+from alignkit.plot import plot_runs
 
 __all__ = ["split_sweep_overrides", "trials", "run_sweep", "summarize", "load_sweep_file"]
 
@@ -149,7 +150,7 @@ def summarize(out: Path, trial_list: list[dict[str, Any]]) -> list[dict[str, Any
     """One row per trial (its values, steps, final and best of each metric it logged), written to
     ``out/summary.md`` with ``out/comparison.png`` (the loss curves overlaid)."""
     rows = []
-    curves = {}
+    plotted, labels = [], []
     for k, trial in enumerate(trial_list):
         run_dir = out / f"trial-{k}"
         recs = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
@@ -160,39 +161,21 @@ def summarize(out: Path, trial_list: list[dict[str, Any]]) -> list[dict[str, Any
                 row[f"final_{m}"] = vals[-1]
                 row[f"best_{m}"] = min(vals) if "loss" in m else max(vals)
         rows.append(row)
-        curves[f"trial-{k} " + " ".join(f"{a}={b}" for a, b in trial.items())] = [
-            (r["step"], r["loss"]) for r in recs if isinstance(r.get("loss"), (int, float))
-        ]
+        if any(isinstance(r.get("loss"), (int, float)) for r in recs):
+            plotted.append(run_dir)
+            labels.append(f"trial-{k} " + " ".join(f"{a}={b}" for a, b in trial.items()))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    _plot(curves, out / "comparison.png")
+    if plotted:
+        plot_runs(plotted, out / "comparison.png", keys=["loss"], labels=labels, title=f"sweep {out}")
     return rows
 
 
 def _cell(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in curves.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="." if len(pts) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def load_sweep_file(path: str) -> dict[str, Any]:

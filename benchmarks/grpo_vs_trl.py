@@ -237,7 +237,7 @@ def child_alignkit(folder: str, n_prompts: int, steps: int, max_new: int, backen
         marks.append(clock())
         gen.append(rec["gen_time_s"])
         sync.append(rec["weight_sync_s"])
-        tokens.append(int(round(rec["completion_length"] * n_prompts * GROUP)))
+        tokens.append(int(round(rec["completions/mean_length"] * n_prompts * GROUP)))
 
     kwargs = {"max_model_len": 1024, "enforce_eager": os.environ.get("BENCH_VLLM_EAGER") == "1"}
     kwargs = kwargs if backend == "vllm_colocate" else {}

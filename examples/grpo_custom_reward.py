@@ -107,7 +107,8 @@ def main() -> None:
         warmup.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == args.steps:
-            print(f"step {step:3d}  reward {stats['reward_mean']:.3f}  zero-spread groups {stats['frac_zero_std']:.2f}")
+            flat = stats["frac_reward_zero_std"]
+            print(f"step {step:3d}  reward {stats['reward_mean']:.3f}  zero-spread groups {flat:.2f}")
 
     after, exact_after = evaluate()
     print(f"after {args.steps} GRPO steps: held-out mean reward {after:.3f}, exact {exact_after:.3f} (T=1)")

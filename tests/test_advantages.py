@@ -127,7 +127,7 @@ def test_grpo_flat_groups_exactly_zero(seed, G, ng, c, scale):  # §9.14
     R[:G] = c + 0.1  # a flat group whose float mean need not equal its members bit for bit
     A, m = grpo_advantages(R, group_size=G, scale=scale)
     assert torch.equal(A[:G], torch.zeros(G))
-    assert m["frac_zero_std"] >= 1.0 / ng - 1e-6
+    assert m["frac_reward_zero_std"] >= 1.0 / ng - 1e-6
 
 
 @PROP
@@ -156,7 +156,7 @@ def test_grpo_flat_group_with_inexact_float_mean_is_exactly_zero():
 def test_grpo_singleton_groups_zero():
     A, m = grpo_advantages(torch.tensor([1.0, -2.0, 3.0]), group_size=1)
     assert torch.equal(A, torch.zeros(3))
-    assert m["frac_zero_std"] == 1.0
+    assert m["frac_reward_zero_std"] == 1.0
     A, _ = grpo_advantages(torch.tensor([1.0, -2.0, 3.0]), group_size=1, unbiased=False, scale="batch")
     assert torch.equal(A, torch.zeros(3))
 
@@ -255,11 +255,11 @@ def test_gdpo_normalize_then_sum(seed, G, ng):
     assert_within(A2, A1, 1e-12 + 8 * S_err * (1 + A1.abs()))
 
 
-def test_frac_zero_std_metric():
+def test_frac_reward_zero_std_metric():
     R = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0, float("nan"), float("nan")])
     _, m = grpo_advantages(R, group_size=2)
     # groups: flat, spread, flat, all-unscorable (not counted)
-    torch.testing.assert_close(m["frac_zero_std"], torch.tensor(2 / 3))
+    torch.testing.assert_close(m["frac_reward_zero_std"], torch.tensor(2 / 3))
     assert m["n_unscorable"] == 2
 
 

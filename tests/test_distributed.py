@@ -203,8 +203,8 @@ def test_grpo_hf_backend_two_ranks_equal_one_process(work, parallel):
     alignkit(cmd, args, nproc=2)
     one = baseline("grpo", work, extra)
     assert_same_run(one, out)
-    lengths = [r["completion_length"] for r in read_metrics(one)]
-    assert lengths == [r["completion_length"] for r in read_metrics(out)] and len(set(lengths)) > 1  # sampled
+    lengths = [r["completions/mean_length"] for r in read_metrics(one)]
+    assert lengths == [r["completions/mean_length"] for r in read_metrics(out)] and len(set(lengths)) > 1  # sampled
 
 
 def test_grpo_shared_prefix_under_ddp(work):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -174,16 +175,24 @@ def test_loop_learns_a_token_preference(tok, tmp_path, cfg_cls, train, kw):
     assert len(recs) == 20
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.25 and last > 0.85, rewards
+    assert all(0 < r["entropy"] <= math.log(len(tok)) + 1e-4 for r in recs)  # logged without an entropy bonus
 
 
 def test_metrics_and_checkpoint(tok, tmp_path):
     _, out, recs = _run(tok, train_grpo, GRPOConfig, tmp_path, 2, kl_coef=0.05, mask_truncated=True)
-    keys = {
+    keys = {  # TRL's names where the quantity is TRL's
         "step", "loss", "lr", "grad_norm", "reward", "reward_std", "rewards/even_first/mean",
-        "rewards/even_first/std", "advantage_mean", "advantage_std", "clip_frac/region", "clip_frac/low",
-        "clip_frac/high", "kl", "approx_kl", "completion_length", "frac_truncated", "step_time_s", "gen_time_s",
+        "rewards/even_first/std", "frac_reward_zero_std", "advantage_mean", "advantage_std",
+        "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "approx_kl", "entropy",
+        "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+        "completions/mean_terminated_length", "step_time_s", "gen_time_s",
     }  # fmt: skip
     assert keys <= set(recs[0]), keys - set(recs[0])
+    # one name per quantity: the old duplicates are gone
+    assert not {"reward_mean", "completion_length", "frac_truncated", "frac_zero_std"} & set(recs[0])
+    for r in recs:
+        assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 3
+        assert 0 <= r["completions/clipped_ratio"] <= 1  # (all clipped here: mask_truncated leaves no token)
     assert [r["step"] for r in recs] == [1, 2]
     assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
     assert out["steps"] == 2

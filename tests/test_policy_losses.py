@@ -288,7 +288,7 @@ def test_term_formulas():
     d = logp - old
     dc = torch.where(As[:, None] > 0, d.clamp(max=math.log(1.1)), d.clamp(min=math.log(0.9)))
     torch.testing.assert_close(L[:, 0], -torch.exp(dc.mean(-1)) * As)
-    assert met["clip_frac/region"] > 0
+    assert met["clip_ratio/region_mean"] > 0
     with pytest.raises(ValueError):
         policy_token_loss(logp, old, A, m, kind="cispo")  # ratio_high is required
     with pytest.raises(ValueError):
@@ -303,7 +303,8 @@ def test_clip_metrics():
     A = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     m = torch.ones(1, 4, dtype=torch.bool)
     _, met = policy_token_loss(logp, old, A, m, dual_clip=1.5)
-    assert met["clip_frac/high"] == 0.25 and met["clip_frac/low"] == 0.25 and met["clip_frac/region"] == 0.5
+    assert met["clip_ratio/high_mean"] == 0.25 and met["clip_ratio/low_mean"] == 0.25
+    assert met["clip_ratio/region_mean"] == 0.5
     assert met["dual_clip_frac"] == 0.25
 
 

@@ -155,7 +155,7 @@ def micro_loss(
         model,
         [batch.prompt_ids[i] for i in rows],
         [batch.completion_ids[i] for i in rows],
-        extras=("entropy",) if entropy else (),
+        extras=("entropy",),  # logged always (TRL does); in the loss only with entropy_coef
         **_scoring_kwargs(cfg, 0),
     )
     logp, mask = res["logps"], res["mask"]  # [b, L]: completion-aligned like the round's stored tensors
@@ -338,7 +338,7 @@ def train_policy_gradient(
         record["num_tokens"] = int(distributed.all_reduce_sum(torch.tensor(num_tokens)))
         record["step_time_s"] = time.perf_counter() - t0
         if cfg.progress:
-            steps.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.3f}")
+            steps.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}")
         common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
     run.log.close()
     if own_generator:

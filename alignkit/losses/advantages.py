@@ -88,14 +88,14 @@ def _group_stats(x: Tensor, gid: Tensor, n_groups: int, unbiased: bool) -> tuple
 
 
 def _reward_metrics(R: Tensor, scorable: Tensor, gid: Tensor, n_groups: int) -> dict[str, Tensor]:
-    _, _, cnt, flat = _group_stats(R.unsqueeze(1), gid, n_groups, True)
+    _, std, cnt, flat = _group_stats(R.unsqueeze(1), gid, n_groups, True)
     present = cnt[:, 0] > 0
-    _, batch_std, _, _ = _group_stats(R.unsqueeze(1), torch.zeros_like(gid), 1, True)
     return {
         "reward_mean": masked_mean(torch.nan_to_num(R), scorable),
-        "reward_std": batch_std[0, 0],
-        # groups (with any scorable row) that carry no learning signal: σ=0 or a single scorable member
-        "frac_zero_std": masked_mean(flat[:, 0].to(R.dtype), present),
+        # TRL's names and quantities: the mean within-group std (the spread GRPO learns from) and the groups (with
+        # any scorable row) that carry no learning signal: σ=0 or a single scorable member
+        "reward_std": masked_mean(std[:, 0], present),
+        "frac_reward_zero_std": masked_mean(flat[:, 0].to(R.dtype), present),
         "n_unscorable": (~scorable).sum().to(R.dtype),
     }
 
@@ -124,7 +124,8 @@ def grpo_advantages(
             z-score each reward within its group, weighted sum, then z-score over the batch; ``scale`` unused).
 
     Returns:
-        ``A [N]`` and metrics ``reward_mean, reward_std, frac_zero_std, n_unscorable``.
+        ``A [N]`` and metrics ``reward_mean, reward_std`` (mean within-group std), ``frac_reward_zero_std``,
+        ``n_unscorable``.
     """
     Rk, Rsum, scorable = _combine(R, reward_weights)
     gid, n_groups = _group_ids(Rk.shape[0], group_size, group_index, Rk.device)

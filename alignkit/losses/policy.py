@@ -208,9 +208,9 @@ def _clip_metrics(x: Tensor, A: Tensor, mb: Tensor, lo: float | None, hi: float 
     low = (x < lo) & (A < 0) if lo is not None else torch.zeros_like(mb)
     high = (x > hi) & (A > 0) if hi is not None else torch.zeros_like(mb)
     return {
-        "clip_frac/low": _frac(low, mb),
-        "clip_frac/high": _frac(high, mb),
-        "clip_frac/region": _frac(low | high, mb),
+        "clip_ratio/low_mean": _frac(low, mb),
+        "clip_ratio/high_mean": _frac(high, mb),
+        "clip_ratio/region_mean": _frac(low | high, mb),
     }
 
 

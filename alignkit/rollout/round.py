@@ -130,6 +130,10 @@ def make_round(
     else:
         weights = rewards.weights
     A, adv_metrics = advantage_fn(R, weights)
+    # one name per quantity: the mean of the summed rewards is the RewardSet's `reward`, unless KL was folded in
+    reward_mean = adv_metrics.pop("reward_mean", None)
+    if kl_in_reward is not None and reward_mean is not None:
+        metrics["kl_reward/reward_mean"] = float(reward_mean)
     metrics.update({k: float(v) for k, v in adv_metrics.items()})
 
     is_w = None
@@ -148,15 +152,28 @@ def make_round(
         {
             "advantage_mean": float(A.mean()),
             "advantage_std": float(A.std()) if A.numel() > 1 else 0.0,
-            "completion_length": float(lens.mean()),
-            "completion_length_max": float(lens.max()),
-            "frac_truncated": float((~finished).float().mean()),
+            **completion_length_metrics(lens, finished),
             "gen_time_s": t_gen,
             "reward_time_s": t_reward,
         }
     )
     ref_in_loss = ref if kl_in_reward is None else None
     return RolloutBatch(ro.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics)
+
+
+def completion_length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:
+    """TRL's ``completions/*`` metrics of a round: lengths ``[N]`` in tokens (stop token included) and whether
+    each completion ended on a stop token ``[N]`` bool (the rest hit ``max_new_tokens``: ``clipped_ratio``)."""
+    done = lengths[finished]
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float((~finished).float().mean()),
+        "completions/mean_terminated_length": float(done.mean()) if len(done) else 0.0,
+        "completions/min_terminated_length": float(done.min()) if len(done) else 0.0,
+        "completions/max_terminated_length": float(done.max()) if len(done) else 0.0,
+    }
 
 
 @torch.no_grad()
