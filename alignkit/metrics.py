@@ -2,7 +2,7 @@
 
 Every loop folds the ``(loss, metrics)`` of its micro-batches with :class:`StepMetrics` (values stay on the
 device until the step's one host sync in :meth:`StepMetrics.result`) and writes one record per logged step with
-:class:`MetricsLog` (``RUN_DIR/metrics.jsonl``, optionally TensorBoard).
+:class:`MetricsLog` (``RUN_DIR/metrics.jsonl``, and the trackers of ``report_to``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from alignkit.checkpoint import write_atomic
+from alignkit.trackers import Tracker, tracker_tag
 
-__all__ = ["StepMetrics", "MetricsLog", "NullLog", "read_metrics", "tensorboard_tag", "step_line"]
+__all__ = ["StepMetrics", "MetricsLog", "NullLog", "read_metrics", "step_line"]
 
 
 class StepMetrics:
@@ -86,49 +87,28 @@ class StepMetrics:
             where[t][k] = v / distributed.world_size() if t == "l" else v  # a batch-global input: its mean
 
 
-def tensorboard_tag(key: str) -> str:
-    """The TensorBoard tag of a metric: grouped as ``eval/``, ``reward/``, ``timing/`` (speed, memory, times) or
-    ``train/``, so each group is one section of the dashboard."""
-    if key.startswith("eval_"):
-        return f"eval/{key[5:]}"
-    if key.startswith(("reward", "advantage", "kl_reward/")):
-        return f"reward/{key}"
-    if key.endswith("_s") or key in ("mfu", "weight_sync_s") or key.startswith("mem_"):
-        return f"timing/{key}"
-    return f"train/{key}"
-
-
 class MetricsLog:
-    """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once), optionally mirrors
-    scalars to TensorBoard (grouped tags, :func:`tensorboard_tag`; the run's config as a text table). On resume,
-    lines after the resumed step are dropped so the log stays exact."""
+    """Appends one JSON line per logged step to RUN_DIR/metrics.jsonl (flushed at once) and mirrors its scalars
+    to the run's trackers (:mod:`alignkit.trackers`, grouped names). :meth:`log_samples` appends sample rows (an
+    RL run's completions) to RUN_DIR/completions.jsonl and the trackers' tables. On resume, lines after the
+    resumed step are dropped from both files so the logs stay exact."""
 
     def __init__(
-        self,
-        run_dir: str | Path,
-        *,
-        resume_step: int | None = None,
-        tensorboard: bool = False,
-        hparams: dict[str, Any] | None = None,
+        self, run_dir: str | Path, *, resume_step: int | None = None, trackers: Sequence[Tracker] = ()
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "completions.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # keep the records up to the resumed step; a partial last line (a kill mid-write) is dropped, and the
-            # file is replaced atomically so a second crash cannot lose the kept records
-            kept = [r for r in _parse_lines(self.path) if r.get("step", 0) <= resume_step]
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        for path in (self.path, self.samples_path):
+            if resume_step is not None and path.exists():
+                # keep the records up to the resumed step; a partial last line (a kill mid-write) is dropped, and
+                # the file is replaced atomically so a second crash cannot lose the kept records
+                kept = [r for r in _parse_lines(path) if r.get("step", 0) <= resume_step]
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif resume_step is None and path.exists():
+                path.unlink()
         self._f = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            if hparams:
-                table = "\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v!r} |" for k, v in hparams.items()])
-                self._tb.add_text("config", table, 0)
+        self.trackers = list(trackers)
 
     def log(self, record: dict[str, Any]) -> None:
         rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
@@ -136,15 +116,24 @@ class MetricsLog:
         rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
         self._f.write(json.dumps(rec, allow_nan=False) + "\n")
         self._f.flush()
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(tensorboard_tag(k), v, rec["step"])
+        scalars = {tracker_tag(k): v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        for t in self.trackers:
+            t.scalars(scalars, rec["step"])
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]], name: str = "completions") -> None:
+        """Sample rows of step ``step`` (same keys each): RUN_DIR/completions.jsonl and a table per tracker."""
+        if not rows:
+            return
+        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        with open(self.samples_path, "a") as f:
+            f.write("".join(json.dumps({"step": step, **r}, allow_nan=False) + "\n" for r in clean))
+        for t in self.trackers:
+            t.table(name, clean, step)
 
     def close(self) -> None:
         self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+        for t in self.trackers:
+            t.close()
 
 
 def step_line(record: dict[str, Any], total_steps: int) -> str:
@@ -162,6 +151,9 @@ class NullLog:
     """The metrics log of ranks other than 0: they compute every record, rank 0 writes it."""
 
     def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]], name: str = "completions") -> None:
         pass
 
     def close(self) -> None:

@@ -27,7 +27,8 @@ __all__ = ["OBSERVATION_KEYS", "LENGTH_KEYS", "RUN_FILE", "prepare_run_dir", "ch
 
 # Keys that change how a run is watched or stored, not what it computes: a resume may change them freely.
 OBSERVATION_KEYS = frozenset(
-    {"resume", "overwrite", "allow_config_change", "progress", "tensorboard", "log_every", "save_every",
+    {"resume", "overwrite", "allow_config_change", "progress", "report_to", "run_name", "tracker_project",
+     "log_every", "save_every",
      "keep_last", "output_dir", "eval_every", "eval_rows", "eval_dataset", "eval_split", "max_nonfinite_steps",
      "reference_cache_dir", "backend_kwargs", "max_reward_failures",
      # how many processes and how they share the work: an offline loop's steps are the same on any number

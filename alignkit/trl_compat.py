@@ -92,15 +92,6 @@ def _schedule(v: Any, _: Mapping[str, Any]) -> str:
     raise ConfigError(f"TRL lr_scheduler_type={v!r}: alignkit has linear, cosine and constant (after warmup_steps)")
 
 
-def _report_to(v: Any, _: Mapping[str, Any]) -> bool:
-    targets = [v] if isinstance(v, str) else list(v or [])
-    targets = [t for t in targets if t not in ("none", "all")] if "all" not in targets else ["tensorboard"]
-    unknown = [t for t in targets if t != "tensorboard"]
-    if unknown:
-        raise ConfigError(f"TRL report_to={v!r}: alignkit logs to metrics.jsonl and TensorBoard only (not {unknown})")
-    return bool(targets)
-
-
 def _targets(v: Any, _: Mapping[str, Any]) -> list[str]:
     if v in ("all-linear", ["all-linear"]):
         return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -147,14 +138,12 @@ COMMON: dict[str, Rename | Refuse | Ignore] = {
     "lora_target_modules": Rename("lora_targets", _targets),
     "per_device_train_batch_size": Rename("batch_size"),
     "gradient_accumulation_steps": Rename("grad_accum", _global_accum, "x WORLD_SIZE: ours is the global count"),
-    "report_to": Rename("tensorboard", _report_to),
     "eval_strategy": Ignore("evaluation runs every eval_every steps when eval_dataset is set"),
     "logging_first_step": Ignore("the first step is always logged"),
     "remove_unused_columns": Ignore("rows keep their columns (rewards read them)"),
     "eos_token": Ignore("the chat format adds its own end-of-turn token (chat_format)"),
     "gradient_checkpointing_kwargs": Ignore("checkpointing is non-reentrant (use_reentrant=False)"),
     "use_liger_kernel": Ignore("the chunked LM-head log-probs already never build [B,T,V] logits"),
-    "run_name": Ignore("the run is named by output_dir"),
     "fp16": Refuse("fp16 training is not supported: use bf16 (precision=bf16-mixed)"),
     "push_to_hub": Refuse("no Hub upload from a run: push RUN_DIR/final_model (an HF folder) yourself"),
     "trust_remote_code": Refuse("alignkit never runs a model repo's own code"),
@@ -196,6 +185,9 @@ for _rl in RL:  # keys GRPO and RLOO share
         "loss_type": Rename("agg", _loss_type_to_agg),
         "scale_rewards": Rename("scale_rewards", _scale_rewards),
         "mask_truncated_completions": Rename("mask_truncated"),
+        "log_completions": Rename("log_completions_every", lambda v, trl: int(trl.get("logging_steps", 10)) if _bool(v)
+                                  else 0, "every logging_steps"),
+        "num_completions_to_print": Rename("log_completions_n"),
         # completions per device per micro-batch: our micro_batch_size; with the accumulation it fixes the step's
         # prompts (below, in translate)
         "per_device_train_batch_size": Rename("micro_batch_size"),

@@ -43,7 +43,7 @@ def test_cli_on_local_model_and_jsonl(tmp_path, capsys):
             "eval_every=2",
             "lr=1e-3",
             "progress=false",
-            "tensorboard=true",
+            "report_to=[tensorboard]",
             "packing=false",
         ]
     )

@@ -55,7 +55,7 @@ def test_trl_grpo_keys_and_batch_arithmetic():
 
 @pytest.mark.parametrize(("key", "value", "reason"), [
     ("push_to_hub", "true", "no Hub upload"), ("fp16", "true", "fp16 training is not supported"),
-    ("load_in_4bit", "true", "quantized"), ("report_to", "wandb", "TensorBoard only"),
+    ("load_in_4bit", "true", "quantized"), ("report_to", "mlflow", "unknown tracker 'mlflow'"),
     ("deepspeed", "ds.json", "FSDP2"), ("dataset_text_field", "body", "text"),
 ])  # fmt: skip
 def test_trl_keys_without_an_equivalent_are_refused(key, value, reason):
@@ -93,6 +93,6 @@ def test_convert_config(tmp_path, capsys):
     out = capsys.readouterr()
     native = yaml.safe_load(out.out)
     assert native == {"model": "Qwen/Qwen2.5-0.5B", "dataset": "trl-lib/ultrafeedback_binarized", "lr": 5e-7,
-                      "beta": 0.1, "loss_type": "ipo", "log_every": 10, "tensorboard": False}  # fmt: skip
+                      "beta": 0.1, "loss_type": "ipo", "log_every": 10, "report_to": "none"}  # fmt: skip
     assert load_config(DPOConfig, None, [f"{k}={v}" for k, v in native.items()]).loss_type == ["ipo"]
-    assert out.err.count("[alignkit] TRL ") == 5  # beta and loss_type are ours already
+    assert out.err.count("[alignkit] TRL ") == 4  # beta, loss_type and report_to are ours already

@@ -41,6 +41,7 @@ from alignkit.errors import TrainingDiverged
 from alignkit.metrics import MetricsLog, NullLog, step_line
 from alignkit.models import add_lora, is_peft, load_model_and_tokenizer
 from alignkit.reference import Reference, ReferenceInputs, build_reference
+from alignkit.trackers import open_trackers
 
 
 def prepare_run_dir(cfg: Any) -> str:
@@ -276,9 +277,9 @@ def start_run(model: torch.nn.Module, cfg: Any, total_steps: int, name: str, *, 
     start = int(state.get("step", 0))
     log: MetricsLog | NullLog = NullLog()  # rank 0 writes the metrics
     if distributed.is_main():
-        log = MetricsLog(
-            out_dir, resume_step=start if ckpt is not None else None, tensorboard=cfg.tensorboard, hparams=to_dict(cfg)
-        )
+        trackers = open_trackers(cfg.report_to, out_dir, hparams=to_dict(cfg), project=cfg.tracker_project,
+                                 run_name=cfg.run_name or out_dir.resolve().name, run_id=run_id)  # fmt: skip
+        log = MetricsLog(out_dir, resume_step=start if ckpt is not None else None, trackers=trackers)
     return Run(cfg, total_steps, out_dir, optimizer, scheduler, log, start, state, run_id, master=master)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from alignkit.config import ConfigError
+from alignkit.trackers import check_report_to
 
 __all__ = [
     "Checked",
@@ -185,7 +186,9 @@ class RunBlock:
     save_every: int | None = None  # steps between checkpoints; the final state is always saved
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from RUN_DIR/latest if present
-    tensorboard: bool = False  # mirror the metrics to RUN_DIR/tensorboard
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, wandb, trackio
+    run_name: str | None = None  # the run's name in W&B / trackio (default: the output_dir folder's name)
+    tracker_project: str = "alignkit"  # the W&B / trackio project
     progress: bool = True  # tqdm progress bar
     overwrite: bool = False  # a fresh run in a non-empty output_dir deletes what is there (else: refused)
     allow_config_change: list[str] = field(default_factory=list)  # keys a resume may change ("all": any)
@@ -197,6 +200,7 @@ class RunBlock:
         require(self, self.save_every is None or self.save_every >= 1, "save_every", "an integer >= 1 (or none)")
         require(self, self.keep_last >= 1, "keep_last", "an integer >= 1")
         require(self, self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "an integer >= 0")
+        self.report_to = check_report_to(self.report_to)  # TRL's none / all become the list they mean
         require(self, not (self.resume and self.overwrite), "overwrite", "false when resume=true (one or the other)")
 
 

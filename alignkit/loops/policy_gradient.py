@@ -35,7 +35,7 @@ from alignkit.models import load_model_and_tokenizer, pad_token_id
 from alignkit.reference import ReferenceInputs, build_reference, default_rl_reference_kind
 from alignkit.reward_funcs import RewardSet, RewardState
 from alignkit.rollout import Generator, make_generator, stop_token_ids
-from alignkit.rollout.round import RolloutBatch, make_round
+from alignkit.rollout.round import RolloutBatch, make_round, sample_rows
 from alignkit.scoring import completion_logps, frozen_completion_logps
 
 RewardFn = Callable[..., list]
@@ -89,6 +89,8 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
     max_log_ratio: float | None = None  # clamp of the log importance ratio before exp (None: none)
     agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_constant
     entropy_coef: float = 0.0  # entropy bonus coefficient (token mean)
+    log_completions_every: int = 10  # steps between sample completions (completions.jsonl, trackers); 0: never
+    log_completions_n: int = 8  # completions per sample (the round's first, whole groups first)
     mask_truncated: bool = False  # completions cut at max_new_tokens add nothing to the loss
     # trainer-vs-sampler importance sampling (None = off)
     rollout_is: Literal["truncate", "mask", "seq_mask_token_truncate"] | None = None
@@ -114,6 +116,8 @@ class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
         require(self, self.advantage in ADVANTAGES, "advantage", f"one of {sorted(ADVANTAGES)}")
         require(self, self.agg in AGGREGATIONS, "agg", f"one of {sorted(AGGREGATIONS)}")
         require(self, self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        require(self, self.log_completions_every >= 0, "log_completions_every", "an integer >= 0 (0: never)")
+        require(self, self.log_completions_n >= 1, "log_completions_n", "an integer >= 1")
         require(self, 0 < self.top_p <= 1, "top_p", "a probability in (0, 1]")
         world = (
             distributed.env_world_size()
@@ -339,6 +343,9 @@ def train_policy_gradient(
         record["step_time_s"] = time.perf_counter() - t0
         if cfg.progress:
             steps.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}")
+        every = cfg.log_completions_every
+        if every and (done % every == 0 or done == 1):  # rank 0's share of the round in effect
+            run.log.log_samples(done, sample_rows(batch, tokenizer, rewards.names, cfg.log_completions_n))
         common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
     run.log.close()
     if own_generator:

@@ -43,6 +43,21 @@ class RolloutBatch:
     ref_logps: Tensor | None  # [N, L], for the in-loss KL
     is_weights: Tensor | None  # [N, L] rollout IS weights
     metrics: dict[str, float]
+    rewards: Tensor | None = None  # [N, K] each reward function's value (NaN: not applicable), before any KL
+
+
+def sample_rows(batch: RolloutBatch, tokenizer: Any, reward_names: Sequence[str], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` completions of a round as readable rows (whole groups first): the prompt as the model saw
+    it, the completion, each reward, the advantage and the length; for RUN_DIR/completions.jsonl and tables."""
+    rows = []
+    for i in range(min(n, len(batch.completion_ids))):
+        row = {"prompt": tokenizer.decode(batch.prompt_ids[i]),
+               "completion": tokenizer.decode(batch.completion_ids[i], skip_special_tokens=True)}  # fmt: skip
+        if batch.rewards is not None:
+            row.update({f"rewards/{name}": float(batch.rewards[i, k]) for k, name in enumerate(reward_names)})
+        row.update(advantage=float(batch.advantages[i]), length=len(batch.completion_ids[i]))
+        rows.append(row)
+    return rows
 
 
 def _num(v: Any) -> Any:
@@ -116,6 +131,7 @@ def make_round(
     R, reward_metrics = score_completions(rewards, tokenizer, prompts, comp, G, stops)
     metrics = {k: _num(v) for k, v in reward_metrics.items()}
     t_reward = time.perf_counter() - t1
+    per_function = R.detach().float().reshape(len(comp), -1).cpu()
 
     old = old_logps_fn(ro.prompt_ids, comp) if old_logps_fn is not None else None
     ref = reference_logps_fn(ro.prompt_ids, comp) if reference_logps_fn is not None else None
@@ -158,7 +174,7 @@ def make_round(
         }
     )
     ref_in_loss = ref if kl_in_reward is None else None
-    return RolloutBatch(ro.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics)
+    return RolloutBatch(ro.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, per_function)
 
 
 def completion_length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:
