@@ -185,31 +185,37 @@ def compute_reference_table(
     scorer: Scorer,
     *,
     progress: bool = False,
+    table: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Run `scorer` over `batches` (each with `global_ids`), filling a `[n_total]` fp32 table (NaN = never seen).
+    A batch whose ids already hold values in ``table`` (a cached table, the same on every rank) is skipped.
     Returns (table, number of forward passes of this process). The model is put in eval mode for the pass and
     restored after.
 
     In a distributed run (the model not yet wrapped for training) each rank scores every ``world_size``-th batch
-    and the ranks' rows are summed into one table on every rank."""
+    still to score, and the ranks' new rows are summed into one table on every rank."""
     world, rank = distributed.world_size(), distributed.rank()
+    known = torch.full((n_total,), float("nan")) if table is None else table.clone()
+    new = torch.full((n_total,), float("nan"))
     with eval_mode(model):
-        table = torch.full((n_total,), float("nan"))
-        passes = 0
+        passes = todo = 0
         it = batches
         if progress and distributed.is_main():
             from tqdm.auto import tqdm
 
-            it = tqdm(batches, desc="reference", unit="batch")
-        for i, b in enumerate(it):
-            if i % world == rank:
-                table[b["global_ids"]] = scorer(model, b).float().cpu()
+            it = tqdm(batches, desc="reference log-probs", unit="batch")  # sized batches: a total and an ETA
+        for b in it:
+            if not torch.isnan(known[b["global_ids"]]).any():
+                continue  # cached
+            if todo % world == rank:
+                new[b["global_ids"]] = scorer(model, b).float().cpu()
                 passes += 1
+            todo += 1
     if world > 1:  # each id was scored by exactly one rank: sum the ranks' rows, NaN kept where none did
-        seen = ~torch.isnan(table)
-        both = distributed.all_reduce_sum(torch.stack([torch.where(seen, table, 0.0), seen.float()]))
-        table = torch.where(both[1] > 0, both[0], float("nan"))
-    return table, passes
+        seen = ~torch.isnan(new)
+        both = distributed.all_reduce_sum(torch.stack([torch.where(seen, new, 0.0), seen.float()]))
+        new = torch.where(both[1] > 0, both[0], float("nan"))
+    return torch.where(torch.isnan(new), known, new), passes
 
 
 class PrecomputedReference(Reference):
@@ -239,7 +245,9 @@ class PrecomputedReference(Reference):
         Args:
             model: the *initial* policy (before any update, before a resume loads trained weights).
             sequences: every sequence, in table-id order (id k = `sequences[k]`); hashed for the key.
-            make_batches: returns the batches that cover all ids (built only on a cache miss).
+            make_batches: returns the batches of the ids the run reads (all, or those of the steps that will run);
+            a batch whose ids the cached table already holds is skipped. The table file keeps every id scored
+            so far (NaN: not yet), so a longer run later scores only what it adds.
             scorer: a :class:`alignkit.scoring.SequenceScorer` (temperature / LD-DPO settings, in the key).
             cache_dir: None = `default_cache_dir()`.
             settings: any further settings that shape the data or log-probs (chat format, max_length, ...).
@@ -248,17 +256,19 @@ class PrecomputedReference(Reference):
         key = reference_cache_key(model, hash_sequences(sequences), {**scorer.key_settings(), **(settings or {})})
         path = cache / f"{key}.pt"
         info: dict[str, Any] = {"key": key, "path": str(path), "forward_passes": 0}
-        table = None
-        if path.is_file():
-            table = torch.load(path, map_location="cpu", weights_only=True)["logps"]
-            if table.shape != (len(sequences),) or torch.isnan(table).any():
-                table = None
-        if distributed.broadcast_object(table is not None):  # rank 0 decides: all ranks hit, or all compute
-            table = distributed.broadcast_object(table if distributed.is_main() else None)  # rank 0's file
+        cached = None
+        if distributed.is_main() and path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)["logps"]
+            cached = cached if cached.shape == (len(sequences),) else None
+        cached = distributed.broadcast_object(cached)  # rank 0's file: every rank skips the same batches
+        table, passes = compute_reference_table(
+            model, make_batches(), len(sequences), scorer, progress=progress, table=cached
+        )
+        before = 0 if cached is None else int((~torch.isnan(cached)).sum())
+        info["sequences_scored"] = int((~torch.isnan(table)).sum()) - before
+        info["sequences_total"] = len(sequences)
+        if info["sequences_scored"] == 0:  # every id the run reads was cached
             return cls(table, {**info, "cache_hit": True})
-        table, passes = compute_reference_table(model, make_batches(), len(sequences), scorer, progress=progress)
-        if torch.isnan(table).any():
-            raise RuntimeError(f"reference pass left {int(torch.isnan(table).sum())} sequences without a value")
         if distributed.is_main():  # one cache file, written by rank 0
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -74,7 +74,7 @@ def test_cache_is_reused_and_invalidated_by_model_data_and_settings(tmp_path):
 
     # same weights (a fresh object built from the same seed) and the same data: no reference forward at all
     again, b2 = _build(_model(), _pairs(), tmp_path, chat_format="chatml")
-    assert again.info["cache_hit"] is True and again.info["forward_passes"] == 0 and b2.calls == 0
+    assert again.info["cache_hit"] is True and again.info["forward_passes"] == 0 and again.info["sequences_scored"] == 0
     assert again.info["key"] == first.info["key"] and torch.equal(again.table, first.table)
 
     # one weight perturbed -> a new key and a recomputation
@@ -99,7 +99,7 @@ def test_cache_is_reused_and_invalidated_by_model_data_and_settings(tmp_path):
     assert named.info["cache_hit"] is False and b6.calls == 1
     assert len(list(tmp_path.glob("*.pt"))) == 5
     # and the first entry is still served
-    assert _build(model, pairs, tmp_path, chat_format="chatml")[1].calls == 0
+    assert _build(model, pairs, tmp_path, chat_format="chatml")[0].info["forward_passes"] == 0
 
 
 def test_state_dict_hash():
@@ -121,16 +121,9 @@ def _live_llamas() -> int:
 
 
 def _loop_cfg(tmp_path, name: str, **kw) -> DPOConfig:
-    return DPOConfig(
-        output_dir=str(tmp_path / name),
-        chat_format="chatml",
-        batch_size=4,
-        max_steps=2,
-        lr=1e-2,
-        reference_cache_dir=str(tmp_path / "cache"),
-        progress=False,
-        **kw,
-    )
+    base = dict(output_dir=str(tmp_path / name), chat_format="chatml", batch_size=4, max_steps=2, lr=1e-2,
+                reference_cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    return DPOConfig(**{**base, **kw})
 
 
 def test_dpo_loop_second_run_skips_the_reference_pass(tmp_path):
@@ -144,7 +137,9 @@ def test_dpo_loop_second_run_skips_the_reference_pass(tmp_path):
         callbacks=[lambda step, rec: counts.append(_live_llamas() - before)],
     )
     assert counts == [1, 1]  # precomputed: no reference model exists during training
-    assert first["reference"]["cache_hit"] is False and first["reference"]["forward_passes"] == 3
+    # 2 steps of 4 pairs read 8 of the 12 pairs: only their 2 batches are scored
+    assert first["reference"]["cache_hit"] is False and first["reference"]["forward_passes"] == 2
+    assert first["reference"]["sequences_scored"] == 16 and first["reference"]["sequences_total"] == 24
     second = train_dpo(_loop_cfg(tmp_path, "b"), model=_model(), tokenizer=TOK, train_data=ROWS)
     assert second["reference"]["cache_hit"] is True and second["reference"]["forward_passes"] == 0
     assert second["last"]["loss"] == pytest.approx(first["last"]["loss"], abs=1e-7)
@@ -153,7 +148,34 @@ def test_dpo_loop_second_run_skips_the_reference_pass(tmp_path):
     with torch.no_grad():
         changed.lm_head.weight[3, 0] += 1e-2
     third = train_dpo(_loop_cfg(tmp_path, "c"), model=changed, tokenizer=TOK, train_data=ROWS)
-    assert third["reference"]["cache_hit"] is False and third["reference"]["forward_passes"] == 3
+    assert third["reference"]["cache_hit"] is False and third["reference"]["forward_passes"] == 2
+
+
+def test_reference_pass_is_sized_to_the_steps_and_a_longer_run_scores_only_the_rest(tmp_path):
+    short = train_dpo(_loop_cfg(tmp_path, "short", max_steps=1), model=_model(), tokenizer=TOK, train_data=ROWS)
+    assert short["reference"]["forward_passes"] == 1 and short["reference"]["sequences_scored"] == 8
+    longer = train_dpo(_loop_cfg(tmp_path, "long", max_steps=3), model=_model(), tokenizer=TOK, train_data=ROWS)
+    # 3 steps read all 12 pairs: the 4 already cached are not scored again
+    assert longer["reference"]["cache_hit"] is False and longer["reference"]["sequences_scored"] == 16
+    again = train_dpo(_loop_cfg(tmp_path, "again", max_steps=3), model=_model(), tokenizer=TOK, train_data=ROWS)
+    assert again["reference"]["cache_hit"] is True and again["reference"]["forward_passes"] == 0
+    # the table filled in two passes is the table of one pass over everything
+    whole = _loop_cfg(tmp_path, "whole", max_steps=3, reference_cache_dir=str(tmp_path / "fresh"))
+    train_dpo(whole, model=_model(), tokenizer=TOK, train_data=ROWS)
+    [merged] = (tmp_path / "cache").glob("*.pt")
+    [fresh] = (tmp_path / "fresh").glob("*.pt")
+    a, b = (torch.load(p, weights_only=True)["logps"] for p in (merged, fresh))
+    assert not torch.isnan(a).any()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_lazy_batches_are_sized():
+    from alignkit.data.plan import LazyBatches
+
+    made = []
+    batches = LazyBatches(list(range(10)), 4, lambda chunk: made.append(chunk) or [chunk, chunk[::-1]], per_chunk=2)
+    assert made == []  # nothing built before iteration
+    assert len(batches) == 6 and len(list(batches)) == 6 and made == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_lora_reference_is_the_adapter_off_base_model(tmp_path):

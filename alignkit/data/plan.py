@@ -7,11 +7,33 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from alignkit.data.collate import pack_best_fit_decreasing
 
-__all__ = ["PACK_WINDOW", "plan_batches"]
+__all__ = ["PACK_WINDOW", "LazyBatches", "plan_batches", "examples_in_plan"]
+
+
+class LazyBatches:
+    """The batches ``collate(items[i : i + size])`` of consecutive chunks, each chunk giving ``per_chunk``
+    batches; built only when iterated, and sized, so a progress bar over them has a total and an ETA."""
+
+    def __init__(self, items: Sequence[Any], size: int, collate: Callable[[Sequence[Any]], list[Any]],
+                 per_chunk: int = 1) -> None:  # fmt: skip
+        self.items, self.size, self.collate, self.per_chunk = items, size, collate, per_chunk
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.size) * self.per_chunk
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(0, len(self.items), self.size):
+            yield from self.collate(self.items[i : i + self.size])
+
+
+def examples_in_plan(plan: Sequence[Sequence[Sequence[int]]], steps: int) -> list[int]:
+    """The example indices the first ``steps`` optimizer steps of ``plan`` read, ascending."""
+    return sorted({i for step in plan[:steps] for micro in step for i in micro})
 
 
 def plan_batches(

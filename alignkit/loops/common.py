@@ -118,22 +118,25 @@ def data_references(
     sequences: Callable[[list[Any]], Sequence[Any]],
     batches: Callable[[list[Any]], Iterable[Any]],
     settings: dict[str, Any],
+    needed: Sequence[int] | None = None,
 ) -> tuple[Reference, Reference]:
     """The references of a loop over a fixed dataset (DPO, KTO) for its train and eval examples, from ``cfg``'s
     ``ReferenceBlock`` keys: ``kind`` by name (``reference.REFERENCES``; only a precomputed one differs between
     the two), ``cfg.ref_model`` loaded for model / TR-DPO when no model is passed. ``sequences(examples)`` and
-    ``batches(examples)`` give a precomputed table's ids and the batches covering them."""
+    ``batches(examples)`` give a precomputed table's ids and the batches covering them; ``needed``: the train
+    examples the run reads (None: all), the only ones a precomputed reference scores."""
     if ref_model is None and cfg.ref_model and kind in ("model", "tr_dpo"):
         ref_model, _ = load_model_and_tokenizer(
             cfg.ref_model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
         )
 
-    def build(examples: list[Any]) -> Reference:
+    def build(examples: list[Any], read: Sequence[int] | None = None) -> Reference:
+        scored = examples if read is None else [examples[i] for i in read]
         inputs = ReferenceInputs(
             scorer=scorer,
             ref_model=ref_model,
             sequences=lambda: sequences(examples),
-            batches=lambda: batches(examples),
+            batches=lambda: batches(scored),
             cache_dir=cfg.reference_cache_dir,
             settings=settings,
             progress=cfg.progress,
@@ -142,7 +145,7 @@ def data_references(
         )
         return build_reference(kind, policy, inputs)
 
-    reference = parallelize_reference(build(train), cfg)
+    reference = parallelize_reference(build(train, needed), cfg)
     return reference, (build(evals) if evals and kind == "precomputed" else reference)
 
 

@@ -19,7 +19,7 @@ Config keys beyond the shared blocks:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ import torch
 
 from alignkit import distributed
 from alignkit.data.loading import load_rows
+from alignkit.data.plan import LazyBatches, examples_in_plan
 from alignkit.data.preference import collate_pairs, pair_sequences, tokenize_pairs
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
@@ -231,21 +232,21 @@ def train_dpo(
 
     # the reference, fixed before any update and before LoRA wraps the policy (a copy of the bare model is what
     # model / TR-DPO keep); a resume below loads trained weights only afterwards
-    def batches(pairs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for i in range(0, len(pairs), cfg.batch_size):
-            chunk = pairs[i : i + cfg.batch_size]
-            yield collate_pairs(chunk, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
+    def batches(pairs: list[dict[str, Any]]) -> LazyBatches:
+        collate = lambda chunk: [collate_pairs(chunk, pad_token_id=pad_id, packing=cfg.packing,  # noqa: E731
+                                               capacity=cfg.max_length)]  # fmt: skip
+        return LazyBatches(pairs, cfg.batch_size, collate)
 
+    # the whole data order, fixed by the seed (resuming means skipping to a step); a precomputed reference scores
+    # only the pairs the run's steps read
+    plan, total_steps = common.plan_steps([1] * len(train), cfg, "pairs")
     with common.precision(cfg, model):
         reference, eval_reference = common.data_references(
             kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=pair_sequences,
-            batches=batches, settings={"family": "pairs", **tok_kw},
+            batches=batches, settings={"family": "pairs", **tok_kw}, needed=examples_in_plan(plan, total_steps),
         )  # fmt: skip
     print(f"[alignkit dpo] reference: {reference.info}")
     model = common.maybe_add_lora(model, cfg)
-
-    # the whole data order, fixed by the seed: resuming means skipping to a step
-    plan, total_steps = common.plan_steps([1] * len(train), cfg, "pairs")
 
     run = common.start_run(model, cfg, total_steps, "dpo")
     reference.load_state_dict(run.state.get("reference", {}))

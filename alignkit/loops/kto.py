@@ -22,7 +22,7 @@ undesirable_weight; the reference keys are `loops.config.ReferenceBlock`'s, as i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ import torch
 
 from alignkit import distributed
 from alignkit.data.loading import load_rows
+from alignkit.data.plan import LazyBatches, examples_in_plan
 from alignkit.data.preference import collate_unpaired, tokenize_unpaired, unpaired_sequences
 from alignkit.loops import common
 from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
@@ -181,21 +182,21 @@ def train_kto(
         evals = tokenize_unpaired(tokenizer, eval_rows[: cfg.eval_rows], **tok_kw)[0]
 
     # the reference, fixed before any update and before LoRA wraps the policy (see the DPO loop)
-    def batches(examples: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for i in range(0, len(examples), cfg.batch_size):
-            yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id)
-            if cfg.loss == "kto":
-                yield _batch(examples[i : i + cfg.batch_size], cfg, pad_id, kl=True)
+    def batches(examples: list[dict[str, Any]]) -> LazyBatches:
+        def collate(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [_batch(chunk, cfg, pad_id)] + ([_batch(chunk, cfg, pad_id, kl=True)] if cfg.loss == "kto" else [])
 
+        return LazyBatches(examples, cfg.batch_size, collate, per_chunk=2 if cfg.loss == "kto" else 1)
+
+    # a precomputed reference scores only the examples (and their KL sequences) the run's steps read
+    plan, total_steps = common.plan_steps([1] * len(train), cfg)
     with common.precision(cfg, model):
         reference, eval_reference = common.data_references(
             kind, cfg, model, train, evals, scorer=scorer, ref_model=ref_model, sequences=unpaired_sequences,
-            batches=batches, settings={"family": "unpaired", **tok_kw},
+            batches=batches, settings={"family": "unpaired", **tok_kw}, needed=examples_in_plan(plan, total_steps),
         )  # fmt: skip
     print(f"[alignkit {cfg.loss}] reference: {reference.info}")
     model = common.maybe_add_lora(model, cfg)
-
-    plan, total_steps = common.plan_steps([1] * len(train), cfg)
 
     run = common.start_run(model, cfg, total_steps, cfg.loss)
     reference.load_state_dict(run.state.get("reference", {}))
