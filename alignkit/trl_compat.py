@@ -151,7 +151,9 @@ COMMON: dict[str, Rename | Refuse | Ignore] = {
     "load_in_8bit": Refuse("quantized (QLoRA) training is not supported yet"),
     "deepspeed": Refuse("alignkit scales out with torchrun + FSDP2 (parallel=fsdp2), not DeepSpeed"),
     "fsdp": Rename("parallel", lambda v, _: "fsdp2" if v else "auto", "alignkit's FSDP is FSDP2"),
-    "datasets": Rename("dataset", lambda v, _: _one_dataset(v), "a one-entry mixture"),
+    "datasets": Rename("dataset_mixture", lambda v, _: _mixture(v), "the datasets read as one, in order"),
+    "streaming": Refuse("rows are read from memory-mapped Arrow files, not streamed"),
+    "test_split_size": Refuse("split off the evaluation rows yourself and pass eval_dataset"),
 }
 
 PER_LOOP: dict[str, dict[str, Rename | Refuse | Ignore]] = {
@@ -195,10 +197,16 @@ for _rl in RL:  # keys GRPO and RLOO share
     })  # fmt: skip
 
 
-def _one_dataset(v: Any) -> str:
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], Mapping) and "path" in v[0]:
-        return str(v[0]["path"])
-    raise ConfigError("TRL datasets: a mixture of several datasets is not supported yet; give one (dataset=...)")
+def _mixture(v: Any) -> list[dict[str, Any]]:
+    from alignkit.data.loading import MIXTURE_KEYS
+
+    if not isinstance(v, list) or not all(isinstance(e, Mapping) and e.get("path") for e in v):
+        raise ConfigError("TRL datasets: a list of {path, name, split, data_dir, data_files, columns} entries")
+    for e in v:
+        unknown = set(e) - MIXTURE_KEYS
+        if unknown:
+            raise ConfigError(f"TRL datasets entry {e['path']!r}: unknown keys {sorted(unknown)}")
+    return [{k: x for k, x in e.items() if x is not None} for e in v]
 
 
 def rules_for(loop: str) -> dict[str, Rename | Refuse | Ignore]:

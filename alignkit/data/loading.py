@@ -23,7 +23,10 @@ from typing import Any
 from alignkit.data.rows import RowError, Verbatim
 from alignkit.errors import AlignkitError
 
-__all__ = ["DatasetLoadError", "RowSource", "SourceLog", "check_data_file", "load_rows", "track_sources"]
+__all__ = [
+    "DatasetLoadError", "Mixture", "MIXTURE_KEYS", "RowSource", "SourceLog", "check_data_file", "load_rows",
+    "track_sources",
+]  # fmt: skip
 
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
@@ -69,6 +72,41 @@ class RowSource:
         if error.index is not None and not 0 <= error.index < self.rows:
             return error
         return error.located(self.name, None if error.index is None else self.line(error.index))
+
+
+@dataclass
+class MixedSource:
+    """The rows of a :class:`Mixture`: its parts in order, so a row error names the part's file and line."""
+
+    parts: list[RowSource]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def locate(self, error: RowError) -> RowError:
+        if error.file is not None or error.index is None:
+            return error
+        start = 0
+        for part in self.parts:
+            if error.index < start + part.rows:
+                return error if part.name is None else error.located(part.name, part.line(error.index - start))
+            start += part.rows
+        return error
+
+
+# the keys of a mixture entry (TRL's DatasetConfig, plus `rows`)
+MIXTURE_KEYS = {"path", "name", "split", "data_dir", "data_files", "columns", "rows"}
+
+
+@dataclass
+class Mixture:
+    """Several datasets read as one, in order (TRL's ``datasets:``): each entry ``{path, split, name, data_dir,
+    data_files, columns, rows}``; ``path`` as for :func:`load_rows`, ``name`` / ``data_dir`` / ``data_files`` for
+    a hub or builder dataset, ``columns`` keeps those columns, ``rows`` the first that many."""
+
+    entries: list[dict[str, Any]]
+    split: str = "train"  # the default split of an entry
 
 
 class SourceLog:
@@ -289,6 +327,8 @@ def load_rows(source: Any, split: str = "train", *, limit: int | None = None):  
 
     name: str | None = None
     json_lines: Path | None = None
+    if isinstance(source, Mixture):
+        return _load_mixture(source, limit)
     if isinstance(source, datasets.DatasetDict):
         source = source[split]
     if isinstance(source, datasets.Dataset):
@@ -329,4 +369,57 @@ def load_rows(source: Any, split: str = "train", *, limit: int | None = None):  
     log = _LOG.get()
     if log is not None:
         log.sources.append(RowSource(name, len(ds), json_lines))
+    return ds
+
+
+def _load_mixture(mix: Mixture, limit: int | None):  # noqa: ANN202
+    import datasets
+
+    parts, sources = [], []
+    log = _LOG.get()
+    for k, entry in enumerate(mix.entries):
+        split = entry.get("split", mix.split)
+        builder = {key: entry[key] for key in ("name", "data_dir", "data_files") if entry.get(key) is not None}
+        if builder:  # a hub / builder dataset with a config name or files
+            try:
+                ds = datasets.load_dataset(str(entry["path"]), split=split, **builder)
+            except Exception as e:  # noqa: BLE001 - name the entry
+                raise DatasetLoadError(f"dataset mixture entry {k} ({entry['path']!r}): could not load it: {e}") from e
+            source = RowSource(str(entry["path"]), len(ds))
+        else:
+            inner = SourceLog()
+            token = _LOG.set(inner)
+            try:
+                ds = load_rows(entry["path"], split)
+            finally:
+                _LOG.reset(token)
+            source = inner.sources[-1]
+        if entry.get("columns"):
+            missing = [c for c in entry["columns"] if c not in ds.column_names]
+            if missing:
+                raise RowError(None, "columns", f"columns of {entry['path']!r}", Verbatim(", ".join(ds.column_names)),
+                               f"dataset mixture entry {k}")  # fmt: skip
+            ds = ds.select_columns(list(entry["columns"]))
+        if entry.get("rows") is not None:
+            ds = ds.select(range(min(int(entry["rows"]), len(ds))))
+            source = RowSource(source.name, len(ds), source.path)
+        parts.append(ds)
+        sources.append(source)
+    columns = [sorted(ds.column_names) for ds in parts]
+    if any(c != columns[0] for c in columns):
+        listing = "; ".join(f"entry {k} ({e['path']}): {', '.join(c)}" for k, (e, c) in
+                            enumerate(zip(mix.entries, columns)))  # fmt: skip
+        raise DatasetLoadError(f"the datasets of a mixture must have the same columns (pick them with `columns`): "
+                               f"{listing}")  # fmt: skip
+    # a column whose inferred type differs between parts (nested differently, or irregular in one) is read as JSON
+    # values in all of them, as `datasets` does for an irregular column within one file
+    features = datasets.Features({
+        c: parts[0].features[c] if all(p.features[c] == parts[0].features[c] for p in parts) else datasets.Json()
+        for c in parts[0].column_names
+    })  # fmt: skip
+    ds = datasets.concatenate_datasets([p if p.features == features else p.cast(features) for p in parts])
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if log is not None:
+        log.sources.append(MixedSource(sources))
     return ds

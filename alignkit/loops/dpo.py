@@ -222,7 +222,7 @@ def train_dpo(
 
     # rows -> chosen/rejected tokens (pairs with an empty completion after truncation are dropped and reported)
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
-    rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
     train, report = tokenize_pairs(tokenizer, rows, **tok_kw)
     print(f"[alignkit dpo] train: {report}")
     evals: list[dict[str, Any]] = []

@@ -167,7 +167,7 @@ def train_kto(
     scorer = SequenceScorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
 
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
-    rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
     tok_kw["kl_completions"] = cfg.loss == "kto"  # only KTO's reference point reads mismatched sequences
     train, report = tokenize_unpaired(tokenizer, rows, **tok_kw)
     n_d = sum(e["desirable"] for e in train)

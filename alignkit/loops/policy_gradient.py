@@ -225,7 +225,7 @@ def train_policy_gradient(
     pad_id = pad_token_id(tokenizer)
     if not (reward_funcs or cfg.rewards):
         raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
-    rows = list(load_rows(train_data or cfg.dataset, cfg.dataset_split))
+    rows = list(load_rows(train_data or cfg.train_source(), cfg.dataset_split))
     prompts = load_prompts(
         rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length, name=name
     )

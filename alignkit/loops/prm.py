@@ -145,7 +145,7 @@ def train_prm(
         chat_format=cfg.chat_format,
         soft_labels=cfg.soft_labels,
     )
-    rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
     train, report = tokenize_prm_rows(tokenizer, rows, train_on_last_step_only=cfg.train_on_last_step_only, **tok_kw)
     print(f"[alignkit prm] train: {report}")
     evals: list[dict[str, Any]] = []

@@ -138,9 +138,9 @@ def train_reward(
 
     # rows -> token ids of both sides; pairs longer than max_length are dropped and reported
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, use_margin=cfg.use_margin)
-    if train_data is None and not cfg.dataset:
+    if train_data is None and not (cfg.dataset or cfg.dataset_mixture):
         raise ValueError("RewardConfig.dataset is empty: name a file, folder or hub id of preference rows")
-    train_rows = load_rows(train_data if train_data is not None else cfg.dataset, cfg.dataset_split).to_list()
+    train_rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
     train, dropped = tokenize_pairs(train_rows, tokenizer, **tok_kw)
     print(f"[alignkit reward] train: {len(train)} pairs; {dropped} dropped (empty, or longer than {cfg.max_length})")
     evals: list[dict[str, Any]] = []

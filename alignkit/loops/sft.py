@@ -113,7 +113,9 @@ def train_sft(
     # rows -> tokens + labels (rows with nothing to train on are dropped and reported)
     tok_kw = dict(chat_format=cfg.chat_format, train_on=cfg.train_on, max_length=cfg.max_length)
     tok_kw["truncation"] = cfg.truncation
-    train_ds, report = tokenize_dataset(load_rows(train_data or cfg.dataset, cfg.dataset_split), tokenizer, **tok_kw)
+    train_ds, report = tokenize_dataset(
+        load_rows(train_data or cfg.train_source(), cfg.dataset_split), tokenizer, **tok_kw
+    )
     print(f"[alignkit sft] train: {report}")
     train = train_ds.to_list()
     evals: list[dict[str, Any]] = []
