@@ -201,12 +201,22 @@ def sweep(args: argparse.Namespace, command: tuple[str, str, str]) -> int:
     fixed, swept = sweep_module.split_sweep_overrides(cls, args.overrides)
     spec = sweep_module.load_sweep_file(args.sweep) if args.sweep else {"method": "grid", "parameters": {}}
     spec["parameters"] = {**(spec.get("parameters") or {}), **swept}
-    trial_list = sweep_module.trials(spec)
-    for trial in trial_list:  # a bad value fails before any trial runs
-        load_config(cls, args.config, [*fixed, *(f"{k}={v}" for k, v in trial.items())], quiet=True)
     out = Path(args.out or f"runs/sweep-{args.loop}")
-    print(f"[alignkit sweep] {len(trial_list)} trials of {args.loop} in {out}", file=sys.stderr)
-    rows = sweep_module.run_sweep(args.loop, args.config, fixed, trial_list, out, parallel=max(1, args.parallel))
+
+    def check(trial: dict[str, Any]) -> Any:  # a bad value fails before its trial runs
+        return load_config(cls, args.config, [*fixed, *(f"{k}={v}" for k, v in trial.items())], quiet=True)
+
+    if spec.get("method") == "tpe":
+        evaluates = bool(getattr(load_config(cls, args.config, fixed, quiet=True), "eval_dataset", None))
+        print(f"[alignkit sweep] {spec.get('n', 8)} TPE trials of {args.loop} in {out}", file=sys.stderr)
+        rows = sweep_module.run_tpe_sweep(args.loop, args.config, fixed, spec, out, parallel=max(1, args.parallel),
+                                          evaluates=evaluates, check=check)  # fmt: skip
+    else:
+        trial_list = sweep_module.trials(spec)
+        for trial in trial_list:
+            check(trial)
+        print(f"[alignkit sweep] {len(trial_list)} trials of {args.loop} in {out}", file=sys.stderr)
+        rows = sweep_module.run_sweep(args.loop, args.config, fixed, trial_list, out, parallel=max(1, args.parallel))
     print((out / "summary.md").read_text(), end="")
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 

@@ -31,7 +31,7 @@ def test_grid_and_random_trials():
     assert draws == trials(spec) and len(draws) == 50  # seeded
     assert all(1e-6 <= d["lr"] <= 1e-3 for d in draws) and {d["loss"] for d in draws} == {"nll", "dft"}
     assert sum(d["lr"] < 10**-4.5 for d in draws) > 10  # log-uniform: the lower decades are drawn too
-    with pytest.raises(ValueError, match="grid or random"):
+    with pytest.raises(ValueError, match="grid, random or tpe"):
         trials({"method": "bayes", "parameters": {"lr": [1]}})
 
 
@@ -87,3 +87,33 @@ def test_a_bad_trial_value_is_refused_before_any_trial_runs(tmp_path, capsys):
     argv = _setup(tmp_path)
     assert main([*argv[:-1], "schedule=cosine,exp"]) == 2
     assert "schedule" in capsys.readouterr().err and not (tmp_path / "sweep" / "trial-0").exists()
+
+
+def test_tpe_sweep_asks_from_results_and_resumes(tmp_path):
+    """Optuna TPE: 4 trials (2 random, then 2 from the TPE model of the results), told their final loss; a rerun
+    with a larger n replays the 4 (skipped, told again) and asks only the 5th."""
+    pytest.importorskip("optuna", reason="the sweeps extra (pip install 'alignkit[sweeps]')")
+    import yaml
+
+    argv = _setup(tmp_path)[:-2]  # no grid overrides: the sweep file holds the parameters
+    spec = {"method": "tpe", "n": 4, "startup": 2, "seed": 1,
+            "parameters": {"lr": {"min": 1e-4, "max": 1e-2, "log": True}, "batch_size": [4, 8]}}  # fmt: skip
+    (tmp_path / "tpe.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "alignkit", *argv, "--sweep", str(tmp_path / "tpe.yaml")]
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "sweep"
+    rows = json.loads((out / "summary.json").read_text())
+    assert len(rows) == 4 and all(r["state"] == "finished" for r in rows)
+    assert all(1e-4 <= r["lr"] <= 1e-2 and r["batch_size"] in (4, 8) for r in rows)
+    assert all(r["objective_loss"] == r["final_loss"] for r in rows)  # what the sampler was told
+    assert len({r["lr"] for r in rows}) == 4  # four different points
+    spec["n"] = 5
+    (tmp_path / "tpe.yaml").write_text(yaml.safe_dump(spec))
+    again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished before, skipped") == 4
+    rows2 = json.loads((out / "summary.json").read_text())
+    assert [r["lr"] for r in rows2[:4]] == [r["lr"] for r in rows] and len(rows2) == 5
+    assert rows2[4]["state"] == "finished"
