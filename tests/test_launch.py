@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from alignkit.cli import main
@@ -61,11 +62,15 @@ def test_skypilot_task(capsys, tmp_path):
     assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "A100:8"}
     assert '--node-rank "$SKYPILOT_NODE_RANK"' in task["run"] and "-m alignkit " + shlex.join(LOOP) in task["run"]
     assert main(["launch", "--nnodes", "2", "--nproc", "8", "--skypilot", str(tmp_path / "t.yaml"), *LOOP]) == 0
-    try:
-        import sky
-    except ImportError:
-        return  # SkyPilot not installed: the YAML shape above is what its parser reads
-    sky.Task.from_yaml(str(tmp_path / "t.yaml"))
+
+
+def test_skypilot_parser_reads_the_task(capsys, tmp_path):
+    # SkyPilot pins click<8.2, which huggingface-hub and wandb refuse: it is not in the test venv, only where a user
+    # has it (in its own venv)
+    sky = pytest.importorskip("sky", reason="SkyPilot is not installed (its click pin conflicts with the test venv)")
+    assert main(["launch", "--nnodes", "2", "--nproc", "8", "--skypilot", str(tmp_path / "t.yaml"), *LOOP]) == 0
+    task = sky.Task.from_yaml(str(tmp_path / "t.yaml"))
+    assert task.num_nodes == 2
 
 
 def test_bad_config_is_refused_before_launching(capsys):

@@ -23,6 +23,7 @@ __all__ = [
     "require",
     "ParallelBlock",
     "ModelBlock",
+    "DatasetBlock",
     "DataBlock",
     "EvalBlock",
     "BatchBlock",
@@ -107,16 +108,13 @@ class ModelBlock(ParallelBlock):
 
 
 @dataclass
-class DataBlock:
+class DatasetBlock:
     dataset: str = ""  # hub id, .json/.jsonl/.parquet/.csv file or folder
     # several datasets read as one, in order (TRL's datasets:): entries {path, split, name, data_files, columns, rows}
     dataset_mixture: list[dict[str, Any]] = field(default_factory=list)
     dataset_split: str = "train"  # split of the dataset (hub datasets and folders with splits)
-    chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
-    max_length: int | None = 1024  # tokens per sequence (prompt + completion)
 
     def check(self) -> None:
-        require(self, self.max_length is None or self.max_length >= 1, "max_length", "an integer >= 1 (or none)")
         require(self, not (self.dataset and self.dataset_mixture), "dataset_mixture", "unset when dataset is set")
         for k, entry in enumerate(self.dataset_mixture):
             ok = isinstance(entry, dict) and bool(entry.get("path")) and set(entry) <= MIXTURE_KEYS
@@ -125,6 +123,15 @@ class DataBlock:
     def train_source(self) -> Any:
         """What the loops load the training rows from: ``dataset``, or the mixture."""
         return Mixture(self.dataset_mixture, self.dataset_split) if self.dataset_mixture else self.dataset
+
+
+@dataclass
+class DataBlock(DatasetBlock):
+    chat_format: str | None = None  # registered name; None = detect from the tokenizer's template
+    max_length: int | None = 1024  # tokens per sequence (prompt + completion)
+
+    def check(self) -> None:
+        require(self, self.max_length is None or self.max_length >= 1, "max_length", "an integer >= 1 (or none)")
 
 
 @dataclass

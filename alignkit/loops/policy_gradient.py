@@ -26,7 +26,7 @@ from alignkit import distributed
 from alignkit.data.loading import load_rows
 from alignkit.data.prompts import load_prompts, round_prompts
 from alignkit.loops import common
-from alignkit.loops.config import LoRABlock, ModelBlock, OptimBlock, RunBlock, require
+from alignkit.loops.config import DatasetBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.advantages import ADVANTAGES
 from alignkit.losses.aggregation import AGGREGATIONS, step_count
 from alignkit.losses.policy import pg_loss
@@ -42,13 +42,12 @@ RewardFn = Callable[..., list]
 
 
 @dataclass
-class RLConfig(ModelBlock, OptimBlock, LoRABlock, RunBlock):
+class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
     """Keys shared by ``GRPOConfig`` and ``RLOOConfig`` (see those for the algorithm-specific defaults)."""
 
     output_dir: str = "runs/rl"
     ref_model: str | None = None  # None: frozen copy of the initial policy (LoRA: the adapter switched off)
     dataset: str = ""  # rows with `prompt` (str or messages) or `messages`, plus columns for the rewards
-    dataset_split: str = "train"  # split of the dataset
     chat_format: str | None = None  # for conversational prompts; None = detect from the tokenizer
     max_prompt_length: int | None = 512  # longer prompts keep their last tokens
     # rewards: built-in names or dotted paths `pkg.module.fn`; weights default to 1
