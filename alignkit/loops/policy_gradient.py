@@ -35,7 +35,8 @@ from alignkit.models import load_model_and_tokenizer, pad_token_id
 from alignkit.reference import ReferenceInputs, build_reference, default_rl_reference_kind
 from alignkit.reward_funcs import RewardSet, RewardState
 from alignkit.rollout import Generator, make_generator, stop_token_ids
-from alignkit.rollout.round import RolloutBatch, make_round, sample_rows
+from alignkit.rollout.async_rollout import AsyncRollouts, WorkerSpec, split_cores
+from alignkit.rollout.round import RolloutBatch, make_round, prepare_round, sample_rows
 from alignkit.scoring import completion_logps, frozen_completion_logps
 
 RewardFn = Callable[..., list]
@@ -97,6 +98,18 @@ class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
     rollout_is_level: Literal["token", "sequence"] = "sequence"
     is_low: float | None = None  # lower bound of the rollout IS weights (mask modes)
     is_high: float | None = 3.0  # upper bound of the rollout IS weights (truncated or masked above)
+    # async rollouts (alignkit.rollout.async_rollout): generation and rewards in worker processes
+    async_rollout: bool = False  # generate in rollout worker processes while the trainer steps
+    max_staleness: int = 1  # drop rounds sampled more than this many optimizer steps ago (0: synchronous)
+    queue_size: int | None = None  # rounds asked for ahead of the one training (None: max_staleness + 1)
+    rollout_workers: int = 1  # generation worker processes (each pinned to its share of the cores)
+    worker_threads: int | None = None  # threads per worker and for the trainer (None: an equal share of the cores)
+    sync_every: int = 1  # optimizer steps between weight publications to the workers
+    # the old policy of a stale round: the sampler's log-probs (bypass), or recomputed at the round's start
+    # (decoupled PPO: the ratio against that proximal policy; add rollout_is for the behaviour correction)
+    off_policy: Literal["bypass", "decoupled"] = "bypass"
+    max_worker_restarts: int = 2  # restarts of dead rollout workers before the run stops
+    worker_timeout_s: float = 600.0  # longest wait for one round from the workers
     # optimisation
     max_steps: int = 100  # optimizer steps of the run
     micro_batch_size: int = 8  # completions per forward/backward
@@ -116,6 +129,14 @@ class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
         require(self, self.agg in AGGREGATIONS, "agg", f"one of {sorted(AGGREGATIONS)}")
         require(self, self.kl_coef >= 0, "kl_coef", "a number >= 0")
         require(self, self.log_completions_every >= 0, "log_completions_every", "an integer >= 0 (0: never)")
+        if self.async_rollout:
+            require(self, self.max_staleness >= 0, "max_staleness", "an integer >= 0")
+            require(self, self.queue_size is None or self.queue_size >= 1, "queue_size", "an integer >= 1 (or none)")
+            require(self, self.rollout_workers >= 1, "rollout_workers", "an integer >= 1")
+            require(self, self.sync_every >= 1, "sync_every", "an integer >= 1")
+            require(self, self.backend == "hf", "backend", "hf with async_rollout=true (vLLM async is not built yet)")
+            require(self, self.lora_r == 0, "lora_r", "0 with async_rollout=true (workers copy full weights)")
+            require(self, self.nproc == 1, "nproc", "1 with async_rollout=true (one trainer process)")
         require(self, self.log_completions_n >= 1, "log_completions_n", "an integer >= 1")
         require(self, 0 < self.top_p <= 1, "top_p", "a probability in (0, 1]")
         world = (
@@ -236,6 +257,7 @@ def train_policy_gradient(
     per_round = cfg.prompts_per_step * cfg.steps_per_generation
     steps_per_round = cfg.steps_per_generation * cfg.num_iterations
     stops = stop_token_ids(model, tokenizer, cfg.stop_tokens)
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
 
     # no-grad passes of a round: the old policy (once it moves within the round, for IS, for KL in the reward)
     # and the reference (for any KL)
@@ -256,13 +278,38 @@ def train_policy_gradient(
     rollout_is = None
     if cfg.rollout_is is not None:
         rollout_is = dict(level=cfg.rollout_is_level, mode=cfg.rollout_is, is_low=cfg.is_low, is_high=cfg.is_high)
-    own_generator = generator is None
-    generator = generator or make_generator(
+    source = None
+    if cfg.async_rollout:  # rounds from worker processes; the trainer makes no generator of its own
+        if generator is not None or distributed.world_size() > 1:
+            raise ValueError("async_rollout=true generates in its own worker processes: one trainer, no generator")
+        trainer_cores, worker_cores, threads = split_cores(cfg.rollout_workers, cfg.worker_threads)
+        spec = WorkerSpec(
+            tokenizer=tokenizer, prompts=list(prompts), reward_funcs=list(reward_funcs) or list(cfg.rewards),
+            reward_weights=cfg.reward_weights, max_reward_failures=cfg.max_reward_failures, group_size=cfg.group_size,
+            sampling=sampling,
+            stops=stops, pad_id=pad_id, max_batch_size=cfg.generation_batch_size, max_steps=cfg.max_steps,
+            threads=threads,
+        )  # fmt: skip
+
+        def plan(rnd: int) -> tuple[list[int], list[int]]:  # the round the synchronous loop would make
+            first_stream = cfg.seed * 1_000_003 + rnd * per_round * cfg.group_size
+            return round_prompts(len(prompts), per_round, cfg.seed, rnd), [
+                first_stream + p * cfg.group_size for p in range(per_round)
+            ]
+
+    own_generator = generator is None and not cfg.async_rollout
+    generator = None if cfg.async_rollout else generator or make_generator(
         cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, max_batch_size=cfg.generation_batch_size,
         model_dir=cfg.model, backend_kwargs=cfg.backend_kwargs,
     )  # fmt: skip
 
     run = common.start_run(model, cfg, cfg.max_steps, name)
+    if cfg.async_rollout:  # workers start from the weights the run starts (or resumes) from; the queue is new
+        source = AsyncRollouts(
+            model, spec, plan, workers=cfg.rollout_workers, max_staleness=cfg.max_staleness,
+            queue_size=cfg.queue_size, max_restarts=cfg.max_worker_restarts, timeout_s=cfg.worker_timeout_s,
+            worker_cores=worker_cores, trainer_cores=trainer_cores, threads=threads, version=run.start,
+        )  # fmt: skip
     # the in-flight round of a resumed run (this rank's share); stale: the engine may not hold the trainer's weights
     saved_round = run.state.get("per_rank", {}).get("round")
     if saved_round is not None and run.state.get("world_size", 1) != distributed.world_size():
@@ -279,74 +326,99 @@ def train_policy_gradient(
         return {"per_rank": {"round": asdict(batch) if step % steps_per_round != 0 else None}}
 
     record: dict[str, Any] = {}
-    for step in steps:
-        t0 = time.perf_counter()
-        rnd, k = divmod(step, steps_per_round)
-        sync_s = 0.0
-        if k == 0 or batch is None:
-            if stale:
-                t_sync = time.perf_counter()
-                generator.update_weights(model)
-                sync_s, stale = time.perf_counter() - t_sync, False
-            # this rank's share of the round's prompts (whole groups: a group's advantages need no other rank); each
-            # prompt's seed is fixed by its place in the round, so the samples do not depend on the number of ranks
-            places = distributed.shard(range(per_round))
-            round_idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
-            idx = [round_idx[p] for p in places]
-            first_stream = cfg.seed * 1_000_003 + rnd * per_round * cfg.group_size  # rounds never share a stream
-            rewards.trainer_state = RewardState(global_step=step, max_steps=cfg.max_steps)  # TRL-style rewards
-            with common.precision(cfg, model):
-                batch = make_round(
-                    generator=generator,
-                    tokenizer=tokenizer,
-                    prompts=[prompts[i] for i in idx],
-                    rewards=rewards,
-                    group_size=cfg.group_size,
-                    sampling=dict(
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
-                    ),  # fmt: skip
-                    stops=stops,
-                    seed=[first_stream + p * cfg.group_size for p in places],
-                    advantage_fn=advantage_fn(cfg),
-                    old_logps_fn=functools.partial(frozen, model) if need_old else None,
-                    reference_logps_fn=(lambda p, c: reference.logps(model, (p, c))) if reference is not None else None,
-                    kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
-                    rollout_is=rollout_is,
-                    mask_truncated=cfg.mask_truncated,
-                )
-        # this step's slice of the round: whole groups, so each step sees complete groups
-        chunk = k % cfg.steps_per_generation
-        n = cfg.prompts_per_step // distributed.world_size() * cfg.group_size
-        rows = list(range(chunk * n, (chunk + 1) * n))
-        # the normalisers count the whole step: every rank's rows
-        normalizer = round_normalizer(batch, rows, cfg)
-        counted = float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())
-        n_tokens = max(float(distributed.all_reduce_sum(torch.tensor(counted, dtype=torch.float64))), 1.0)
-        acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
-        micro = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
-        for j, mb in enumerate(micro):
-            with distributed.grad_sync(model, last=j == len(micro) - 1):
+    async_stats: dict[str, float] = {}
+    reference_logps = (lambda p, c: reference.logps(model, (p, c))) if reference is not None else None
+    try:  # the rollout workers stop however the loop ends
+        for step in steps:
+            t0 = time.perf_counter()
+            rnd, k = divmod(step, steps_per_round)
+            sync_s = 0.0
+            if (k == 0 or batch is None) and source is not None:
+                scored, async_stats = source.next_round(rnd, version=step, step=step)
+                # a round the current weights sampled is on-policy, as in the synchronous loop; an older one takes
+                # the sampler's log-probs as the old policy (bypass) or the current policy's (decoupled)
+                behind = scored.version < step
+                recompute = (need_old and not behind) or (behind and cfg.off_policy == "decoupled")
                 with common.precision(cfg, model):
-                    loss, metrics = micro_loss(model, batch, mb, cfg, normalizer, n_tokens)
-                distributed.backward(loss)
-            acc.add(metrics)
-        grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
-        stale = True
+                    batch = prepare_round(
+                        scored, rewards=rewards, advantage_fn=advantage_fn(cfg),
+                        old_logps_fn=functools.partial(frozen, model) if recompute else None,
+                        reference_logps_fn=reference_logps,
+                        kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None, rollout_is=rollout_is,
+                        mask_truncated=cfg.mask_truncated, sampler_as_old=behind and cfg.off_policy == "bypass",
+                    )  # fmt: skip
+            elif k == 0 or batch is None:
+                if stale:
+                    t_sync = time.perf_counter()
+                    generator.update_weights(model)
+                    sync_s, stale = time.perf_counter() - t_sync, False
+                # this rank's share of the round's prompts (whole groups: a group's advantages need no other rank); each
+                # prompt's seed is fixed by its place in the round, so the samples do not depend on the number of ranks
+                places = distributed.shard(range(per_round))
+                round_idx = round_prompts(len(prompts), per_round, cfg.seed, rnd)
+                idx = [round_idx[p] for p in places]
+                first_stream = cfg.seed * 1_000_003 + rnd * per_round * cfg.group_size  # rounds never share a stream
+                rewards.trainer_state = RewardState(global_step=step, max_steps=cfg.max_steps)  # TRL-style rewards
+                with common.precision(cfg, model):
+                    batch = make_round(
+                        generator=generator,
+                        tokenizer=tokenizer,
+                        prompts=[prompts[i] for i in idx],
+                        rewards=rewards,
+                        group_size=cfg.group_size,
+                        sampling=sampling,
+                        stops=stops,
+                        seed=[first_stream + p * cfg.group_size for p in places],
+                        advantage_fn=advantage_fn(cfg),
+                        old_logps_fn=functools.partial(frozen, model) if need_old else None,
+                        reference_logps_fn=reference_logps,
+                        kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
+                        rollout_is=rollout_is,
+                        mask_truncated=cfg.mask_truncated,
+                    )
+            # this step's slice of the round: whole groups, so each step sees complete groups
+            chunk = k % cfg.steps_per_generation
+            n = cfg.prompts_per_step // distributed.world_size() * cfg.group_size
+            rows = list(range(chunk * n, (chunk + 1) * n))
+            # the normalisers count the whole step: every rank's rows
+            normalizer = round_normalizer(batch, rows, cfg)
+            counted = float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())
+            n_tokens = max(float(distributed.all_reduce_sum(torch.tensor(counted, dtype=torch.float64))), 1.0)
+            acc = StepMetrics(STEP_WEIGHTS, "n_tokens")
+            micro = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+            for j, mb in enumerate(micro):
+                with distributed.grad_sync(model, last=j == len(micro) - 1):
+                    with common.precision(cfg, model):
+                        loss, metrics = micro_loss(model, batch, mb, cfg, normalizer, n_tokens)
+                    distributed.backward(loss)
+                acc.add(metrics)
+            grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
+            stale = True
+            if source is not None and ((step + 1) % cfg.sync_every == 0 or step + 1 == cfg.max_steps):
+                t_sync = time.perf_counter()
+                source.publish(model, step + 1)  # version = optimizer steps done
+                sync_s = time.perf_counter() - t_sync
 
-        done = step + 1
-        round_metrics = distributed.mean_over_ranks(batch.metrics)  # ranks' rounds are equal in size
-        record = {"step": done, **acc.result(over_ranks=True), "lr": lr, "grad_norm": grad_norm, **round_metrics}
-        record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s)
-        num_tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows)
-        record["num_tokens"] = int(distributed.all_reduce_sum(torch.tensor(num_tokens)))
-        record["step_time_s"] = time.perf_counter() - t0
-        if cfg.progress:
-            steps.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}")
-        every = cfg.log_completions_every
-        if every and (done % every == 0 or done == 1):  # rank 0's share of the round in effect
-            run.log.log_samples(done, sample_rows(batch, tokenizer, rewards.names, cfg.log_completions_n))
-        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+            done = step + 1
+            round_metrics = distributed.mean_over_ranks(batch.metrics)  # ranks' rounds are equal in size
+            record = {"step": done, **acc.result(over_ranks=True), "lr": lr, "grad_norm": grad_norm, **round_metrics}
+            record.update(round=rnd, iteration=k // cfg.steps_per_generation, weight_sync_s=sync_s, **async_stats)
+            num_tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows)
+            record["num_tokens"] = int(distributed.all_reduce_sum(torch.tensor(num_tokens)))
+            record["step_time_s"] = time.perf_counter() - t0
+            if cfg.progress:
+                steps.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}")
+            every = cfg.log_completions_every
+            if every and (done % every == 0 or done == 1):  # rank 0's share of the round in effect
+                run.log.log_samples(done, sample_rows(batch, tokenizer, rewards.names, cfg.log_completions_n))
+            common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+    finally:
+        if source is not None:
+            source.close()
     run.log.close()
     if own_generator:
         generator.close()
-    return {"steps": cfg.max_steps, "last": record, "run_dir": str(run_dir)}
+    out = {"steps": cfg.max_steps, "last": record, "run_dir": str(run_dir)}
+    if source is not None:  # each consumed or dropped round's versions
+        out["async_rounds"] = source.events
+    return out

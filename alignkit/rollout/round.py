@@ -24,7 +24,10 @@ from alignkit.rollout.base import Generator, stop_token_ids
 from alignkit.rollout.hf import HFGenerator
 from alignkit.scoring import completion_mask
 
-__all__ = ["RolloutBatch", "make_round", "score_completions", "evaluate_rewards"]
+__all__ = [
+    "RolloutBatch", "ScoredRollouts", "generate_and_score", "prepare_round", "make_round", "score_completions",
+    "sample_rows", "completion_length_metrics", "evaluate_rewards",
+]  # fmt: skip
 
 #: ``(prompt_ids, completion_ids) -> [N, L_max]`` no-grad log-probs (e.g. a partial of ``frozen_completion_logps``)
 LogpsFn = Callable[[list[list[int]], list[list[int]]], Tensor]
@@ -84,7 +87,21 @@ def score_completions(
     return rewards([p.prompt for p in rep], texts, completion_ids, **columns)
 
 
-def make_round(
+@dataclass
+class ScoredRollouts:
+    """A generated round with its rewards, before any trainer-side pass: what ``generate_and_score`` returns
+    and an async rollout worker sends. ``version``: the policy version (optimizer steps) that sampled it."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    sampler_logps: list[list[float]]  # per completion token, at the sampling temperature
+    finished: list[bool]  # ended on a stop token
+    rewards: Tensor  # [N, K] float32, NaN = not applicable
+    metrics: dict[str, Any]  # the RewardSet's metrics, gen_time_s, reward_time_s
+    version: int = 0
+
+
+def generate_and_score(
     *,
     generator: Generator,
     tokenizer: Any,
@@ -94,25 +111,9 @@ def make_round(
     sampling: Mapping[str, Any],
     stops: list[int],
     seed: int | Sequence[int],
-    advantage_fn: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]],
-    old_logps_fn: LogpsFn | None = None,
-    reference_logps_fn: LogpsFn | None = None,
-    kl_in_reward: tuple[float, str] | None = None,
-    rollout_is: Mapping[str, Any] | None = None,
-    mask_truncated: bool = False,
-) -> RolloutBatch:
-    """Generate, score and prepare one round (everything the optimizer steps of the round need).
-
-    Args:
-        sampling: ``max_new_tokens, temperature, top_p, top_k`` for ``generator.generate``.
-        advantage_fn: ``(rewards [N,K], reward weights [K] or None) -> (advantages [N], metrics)``.
-        old_logps_fn: the trainer's log-probs at generation time (needed once the policy moves within the round,
-            for rollout IS and for KL in the reward); None = on-policy.
-        reference_logps_fn: the reference's log-probs (KL); None = no KL.
-        kl_in_reward: ``(kl_coef, kind)``: fold ``kl_coef·Σ_t k(old, ref)`` into one summed reward.
-        rollout_is: keyword arguments of ``losses.policy.rollout_is_weights`` (``mode`` included); None = off.
-        mask_truncated: completions cut at ``max_new_tokens`` add nothing to the loss.
-    """
+) -> ScoredRollouts:
+    """Sample ``group_size`` completions per prompt (``sampling``: ``max_new_tokens, temperature, top_p,
+    top_k``) and score them with the reward functions."""
     G = group_size
     t0 = time.perf_counter()
     ro = generator.generate([p.ids for p in prompts], n=G, stop_token_ids=stops, seed=seed, **sampling)
@@ -120,21 +121,50 @@ def make_round(
         raise RuntimeError(f"generator returned {len(ro.completion_ids)} completions, expected {len(prompts) * G}")
     t_gen = time.perf_counter() - t0
     comp = [list(c) for c in ro.completion_ids]
-    lengths = [len(c) for c in comp]
-    if min(lengths) == 0:
+    if min(len(c) for c in comp) == 0:
         raise RuntimeError("generator returned an empty completion; it must at least hold the stop token")
-    cm = completion_mask(lengths)
-    sampler = torch.zeros(cm.shape)
-    sampler[cm] = torch.tensor([x for lp in ro.logprobs for x in lp], dtype=torch.float32)
-
     t1 = time.perf_counter()
     R, reward_metrics = score_completions(rewards, tokenizer, prompts, comp, G, stops)
     metrics = {k: _num(v) for k, v in reward_metrics.items()}
-    t_reward = time.perf_counter() - t1
+    metrics.update(gen_time_s=t_gen, reward_time_s=time.perf_counter() - t1)
     per_function = R.detach().float().reshape(len(comp), -1).cpu()
+    return ScoredRollouts(list(map(list, ro.prompt_ids)), comp, [list(x) for x in ro.logprobs], list(ro.finished),
+                          per_function, metrics)  # fmt: skip
 
-    old = old_logps_fn(ro.prompt_ids, comp) if old_logps_fn is not None else None
-    ref = reference_logps_fn(ro.prompt_ids, comp) if reference_logps_fn is not None else None
+
+def prepare_round(
+    scored: ScoredRollouts,
+    *,
+    rewards: RewardSet,
+    advantage_fn: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]],
+    old_logps_fn: LogpsFn | None = None,
+    reference_logps_fn: LogpsFn | None = None,
+    kl_in_reward: tuple[float, str] | None = None,
+    rollout_is: Mapping[str, Any] | None = None,
+    mask_truncated: bool = False,
+    sampler_as_old: bool = False,
+) -> RolloutBatch:
+    """The trainer-side passes of a scored round: old-policy and reference log-probs, KL folded into the reward
+    (optional), advantages, trainer-vs-sampler IS weights (optional).
+
+    Args:
+        old_logps_fn: the trainer's log-probs at the round's start (needed once the policy moves within the round,
+            for rollout IS and for KL in the reward); None = on-policy.
+        sampler_as_old: the sampler's log-probs are the old policy (async "bypass": the samples may be a few
+            versions old, the PPO ratio is then against the policy that sampled them).
+        Others as in :func:`make_round`.
+    """
+    comp = scored.completion_ids
+    lengths = [len(c) for c in comp]
+    cm = completion_mask(lengths)
+    sampler = torch.zeros(cm.shape)
+    sampler[cm] = torch.tensor([x for lp in scored.sampler_logps for x in lp], dtype=torch.float32)
+    R, metrics = scored.rewards, dict(scored.metrics)
+
+    old = old_logps_fn(scored.prompt_ids, comp) if old_logps_fn is not None else None
+    if sampler_as_old:
+        old = sampler.clone()
+    ref = reference_logps_fn(scored.prompt_ids, comp) if reference_logps_fn is not None else None
     if kl_in_reward is not None:
         if old is None or ref is None:
             raise ValueError("KL in the reward needs both the old-policy and the reference log-probs")
@@ -158,10 +188,10 @@ def make_round(
             raise ValueError("rollout IS weights need the old-policy log-probs")
         is_w, ism = rollout_is_weights(old, sampler, cm, **rollout_is)
         metrics.update({k: float(v) for k, v in ism.items()})
-    elif old is not None:  # report the mismatch even when not correcting it
+    elif old is not None and not sampler_as_old:  # report the mismatch even when not correcting it
         metrics["is/mismatch_k1"] = float((old - sampler)[cm].neg().mean())
 
-    finished = torch.tensor(ro.finished)
+    finished = torch.tensor(scored.finished)
     keep = finished | (not mask_truncated)
     lens = torch.tensor(lengths, dtype=torch.float32)
     metrics.update(
@@ -169,12 +199,47 @@ def make_round(
             "advantage_mean": float(A.mean()),
             "advantage_std": float(A.std()) if A.numel() > 1 else 0.0,
             **completion_length_metrics(lens, finished),
-            "gen_time_s": t_gen,
-            "reward_time_s": t_reward,
         }
     )
     ref_in_loss = ref if kl_in_reward is None else None
-    return RolloutBatch(ro.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, per_function)
+    return RolloutBatch(scored.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, scored.rewards)
+
+
+def make_round(
+    *,
+    generator: Generator,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    rewards: RewardSet,
+    group_size: int,
+    sampling: Mapping[str, Any],
+    stops: list[int],
+    seed: int | Sequence[int],
+    advantage_fn: Callable[[Tensor, Tensor | None], tuple[Tensor, dict[str, Tensor]]],
+    old_logps_fn: LogpsFn | None = None,
+    reference_logps_fn: LogpsFn | None = None,
+    kl_in_reward: tuple[float, str] | None = None,
+    rollout_is: Mapping[str, Any] | None = None,
+    mask_truncated: bool = False,
+) -> RolloutBatch:
+    """Generate, score and prepare one round (everything the optimizer steps of the round need):
+    :func:`generate_and_score`, then :func:`prepare_round`.
+
+    Args:
+        sampling: ``max_new_tokens, temperature, top_p, top_k`` for ``generator.generate``.
+        advantage_fn: ``(rewards [N,K], reward weights [K] or None) -> (advantages [N], metrics)``.
+        old_logps_fn: the trainer's log-probs at generation time (needed once the policy moves within the round,
+            for rollout IS and for KL in the reward); None = on-policy.
+        reference_logps_fn: the reference's log-probs (KL); None = no KL.
+        kl_in_reward: ``(kl_coef, kind)``: fold ``kl_coef·Σ_t k(old, ref)`` into one summed reward.
+        rollout_is: keyword arguments of ``losses.policy.rollout_is_weights`` (``mode`` included); None = off.
+        mask_truncated: completions cut at ``max_new_tokens`` add nothing to the loss.
+    """
+    scored = generate_and_score(generator=generator, tokenizer=tokenizer, prompts=prompts, rewards=rewards,
+                                group_size=group_size, sampling=sampling, stops=stops, seed=seed)  # fmt: skip
+    return prepare_round(scored, rewards=rewards, advantage_fn=advantage_fn, old_logps_fn=old_logps_fn,
+                         reference_logps_fn=reference_logps_fn, kl_in_reward=kl_in_reward, rollout_is=rollout_is,
+                         mask_truncated=mask_truncated)  # fmt: skip
 
 
 def completion_length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:
