@@ -176,7 +176,7 @@ def _state(pid: int) -> str:
 
 def test_async_settings_are_checked():
     with pytest.raises(ConfigError, match="backend"):
-        build_config(GRPOConfig, {"async_rollout": True, "backend": "vllm_server"})
+        build_config(GRPOConfig, {"async_rollout": True, "backend": "vllm_colocate"})
     with pytest.raises(ConfigError, match="lora_r"):
         build_config(GRPOConfig, {"async_rollout": True, "lora_r": 8})
     with pytest.raises(ValueError, match="module-level"):

@@ -134,7 +134,12 @@ class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
             require(self, self.queue_size is None or self.queue_size >= 1, "queue_size", "an integer >= 1 (or none)")
             require(self, self.rollout_workers >= 1, "rollout_workers", "an integer >= 1")
             require(self, self.sync_every >= 1, "sync_every", "an integer >= 1")
-            require(self, self.backend == "hf", "backend", "hf with async_rollout=true (vLLM async is not built yet)")
+            require(
+                self,
+                self.backend in ("hf", "vllm_server"),
+                "backend",
+                "hf (worker processes) or vllm_server (a worker thread per server) with async_rollout=true",
+            )
             require(self, self.lora_r == 0, "lora_r", "0 with async_rollout=true (workers copy full weights)")
             require(self, self.nproc == 1, "nproc", "1 with async_rollout=true (one trainer process)")
         require(self, self.log_completions_n >= 1, "log_completions_n", "an integer >= 1")
@@ -280,9 +285,11 @@ def train_policy_gradient(
         rollout_is = dict(level=cfg.rollout_is_level, mode=cfg.rollout_is, is_low=cfg.is_low, is_high=cfg.is_high)
     source = None
     if cfg.async_rollout:  # rounds from worker processes; the trainer makes no generator of its own
-        if generator is not None or distributed.world_size() > 1:
-            raise ValueError("async_rollout=true generates in its own worker processes: one trainer, no generator")
+        if distributed.world_size() > 1:
+            raise ValueError("async_rollout=true runs one trainer process (several ranks are not supported yet)")
         trainer_cores, worker_cores, threads = split_cores(cfg.rollout_workers, cfg.worker_threads)
+        if cfg.backend != "hf" or generator is not None:  # engine threads share this process: nothing to pin
+            trainer_cores, worker_cores, threads = [], [], None
         spec = WorkerSpec(
             tokenizer=tokenizer, prompts=list(prompts), reward_funcs=list(reward_funcs) or list(cfg.rewards),
             reward_weights=cfg.reward_weights, max_reward_failures=cfg.max_reward_failures, group_size=cfg.group_size,
@@ -297,6 +304,16 @@ def train_policy_gradient(
                 first_stream + p * cfg.group_size for p in range(per_round)
             ]
 
+    engines: list[Generator] = []
+    if cfg.async_rollout and (generator is not None or cfg.backend != "hf"):  # remote engines: worker threads
+        if generator is not None:
+            engines = [generator]
+        else:  # backend_kwargs base_url: one server, or a list of them (one worker thread each)
+            urls = cfg.backend_kwargs.get("base_url")
+            kwargs = [{**cfg.backend_kwargs, "base_url": u} for u in urls] if isinstance(urls, list) else [
+                cfg.backend_kwargs]  # fmt: skip
+            engines = [make_generator(cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, model_dir=cfg.model,
+                                      backend_kwargs=kw) for kw in kwargs]  # fmt: skip
     own_generator = generator is None and not cfg.async_rollout
     generator = None if cfg.async_rollout else generator or make_generator(
         cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, max_batch_size=cfg.generation_batch_size,
@@ -309,7 +326,10 @@ def train_policy_gradient(
             model, spec, plan, workers=cfg.rollout_workers, max_staleness=cfg.max_staleness,
             queue_size=cfg.queue_size, max_restarts=cfg.max_worker_restarts, timeout_s=cfg.worker_timeout_s,
             worker_cores=worker_cores, trainer_cores=trainer_cores, threads=threads, version=run.start,
+            engines=engines,
         )  # fmt: skip
+        if engines:  # the engines start from the weights the run starts (or resumes) from
+            source.publish(model, run.start)
     # the in-flight round of a resumed run (this rank's share); stale: the engine may not hold the trainer's weights
     saved_round = run.state.get("per_rank", {}).get("round")
     if saved_round is not None and run.state.get("world_size", 1) != distributed.world_size():
@@ -415,6 +435,8 @@ def train_policy_gradient(
     finally:
         if source is not None:
             source.close()
+        for engine in engines if generator is None else []:  # the engines this loop made
+            engine.close()
     run.log.close()
     if own_generator:
         generator.close()

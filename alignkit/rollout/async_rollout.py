@@ -14,9 +14,11 @@ without drops; a larger queue or a slower weight sync trades drops for less wait
 synchronous algorithm run in another process: every round is generated with the weights of the step before it.
 
 Requests go to the worker with the fewest outstanding; the trainer's wait, each worker's idle time, the queue depth
-and the time a result waited are measured per round. A worker that dies is restarted (its requests sent again) up
-to ``max_restarts`` times, then the run stops naming it; :meth:`AsyncRollouts.close` (also at interpreter exit)
-stops every worker, and a worker whose parent has gone exits on its own.
+and the time a result waited are measured per round. The depth asked for ahead adapts within ``[1, queue_size]``:
+one more round when the trainer had to wait, one fewer when a result waited longer than a whole round of training
+(the workers are that far ahead, so the samples can be fresher at no wait). A worker that dies is restarted (its
+requests sent again) up to ``max_restarts`` times, then the run stops naming it; :meth:`AsyncRollouts.close` (also
+at interpreter exit) stops every worker, and a worker whose parent has gone exits on its own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import itertools
 import os
 import pickle
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -86,40 +89,31 @@ def split_cores(n_workers: int, threads: int | None = None) -> tuple[list[int], 
     return trainer, workers, threads or share
 
 
-def _worker_main(index: int, spec: WorkerSpec, shared: torch.nn.Module, version: Any, lock: Any, requests: Any,
-                 results: Any, parent: int) -> None:  # fmt: skip
-    if spec.cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, spec.cores)
-    torch.set_num_threads(spec.threads)
-    model = copy.deepcopy(shared).eval()  # private: the shared buffers change under it only through a copy
-    mine = -1
+def _serve(index: int, generator: Any, spec: WorkerSpec, requests: Any, results: Any, take_weights: Callable[[], int],
+           gone: Callable[[], bool]) -> None:  # fmt: skip
+    """A worker's loop: take a request, bring the weights up to date (``take_weights`` -> the version it holds),
+    generate and score the round, send it. ``gone()``: the trainer is no more (stop)."""
     rewards = RewardSet(spec.reward_funcs, spec.reward_weights, max_failed_steps=spec.max_reward_failures,
                         columns={k for p in spec.prompts for k in p.columns})  # fmt: skip
-    generator = HFGenerator(model, spec.pad_id, max_batch_size=spec.max_batch_size)
     idle_from = time.perf_counter()
     while True:
         try:
             req = requests.get(timeout=0.5)
         except queue.Empty:
-            if os.getppid() != parent:  # the trainer is gone (killed): do not outlive it
-                results.cancel_join_thread()  # nobody reads the results any more: exit without flushing them
+            if gone():
                 return
             continue
         if req is None:
             return
         started = time.perf_counter()
         try:
-            if version.value != mine:
-                with lock:
-                    for dst, src in zip(model.state_dict().values(), shared.state_dict().values()):
-                        dst.copy_(src)
-                    mine = version.value
+            version = take_weights()
             rewards.trainer_state = RewardState(global_step=req.step, max_steps=spec.max_steps)
             scored = generate_and_score(generator=generator, tokenizer=spec.tokenizer,
                                         prompts=[spec.prompts[i] for i in req.indices], rewards=rewards,
                                         group_size=spec.group_size, sampling=spec.sampling, stops=spec.stops,
                                         seed=req.seeds)  # fmt: skip
-            scored.version = mine
+            scored.version = version
             # plain lists, not tensors: a tensor would travel as a file descriptor fetched from this process,
             # which fails if it dies before the trainer reads the message
             scored.rewards = scored.rewards.tolist()
@@ -127,6 +121,82 @@ def _worker_main(index: int, spec: WorkerSpec, shared: torch.nn.Module, version:
         except BaseException as e:  # noqa: BLE001 - the trainer raises it, naming this worker
             results.put(("error", index, req.id, type(e).__name__, traceback.format_exc()))
         idle_from = time.perf_counter()
+
+
+def _process_worker(index: int, spec: WorkerSpec, shared: torch.nn.Module, version: Any, lock: Any, requests: Any,
+                    results: Any, parent: int) -> None:  # fmt: skip
+    """A rollout worker process: its own copy of the policy, refreshed from the shared buffers."""
+    if spec.cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cores)
+    torch.set_num_threads(spec.threads)
+    model = copy.deepcopy(shared).eval()  # private: the shared buffers change under it only through a copy
+    held = [-1]
+
+    def take_weights() -> int:
+        if version.value != held[0]:
+            with lock:
+                for dst, src in zip(model.state_dict().values(), shared.state_dict().values()):
+                    dst.copy_(src)
+                held[0] = version.value
+        return held[0]
+
+    def gone() -> bool:
+        if os.getppid() != parent:  # the trainer was killed: do not outlive it
+            results.cancel_join_thread()  # nobody reads the results any more: exit without flushing them
+            return True
+        return False
+
+    generator = HFGenerator(model, spec.pad_id, max_batch_size=spec.max_batch_size)
+    _serve(index, generator, spec, requests, results, take_weights, gone)
+
+
+class _EngineWorker:
+    """A rollout worker thread over a remote engine (a vLLM server): generation runs in the server, this thread
+    waits on it and scores the rewards. The trainer pushes weights into the engine itself (``publish``), holding
+    ``lock``, so a push happens between two of this worker's rounds."""
+
+    def __init__(self, index: int, engine: Any, spec: WorkerSpec, results: Any, version: int) -> None:
+        self.engine, self.lock, self.version = engine, threading.Lock(), version
+        self.requests: queue.Queue = queue.Queue()
+        self.stopped = False
+
+        def take_weights() -> int:
+            return self.version
+
+        def serve() -> None:
+            with_lock = _Locked(engine, self.lock)
+            _serve(index, with_lock, spec, self.requests, results, take_weights, lambda: self.stopped)
+
+        self.thread = threading.Thread(target=serve, name=f"alignkit-rollout-{index}", daemon=True)
+        self.thread.start()
+
+    @property
+    def pid(self) -> str:
+        return f"thread {self.thread.name} over {getattr(self.engine, 'base_url', type(self.engine).__name__)}"
+
+    exitcode = None
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def terminate(self) -> None:  # a thread cannot be killed: it ends at its next look at `stopped`
+        self.stopped = True
+
+    kill = terminate
+
+
+class _Locked:
+    """An engine whose ``generate`` holds a lock (the trainer's weight push takes it between rounds)."""
+
+    def __init__(self, engine: Any, lock: threading.Lock) -> None:
+        self.engine, self.lock = engine, lock
+
+    def generate(self, *a: Any, **kw: Any) -> Any:
+        with self.lock:
+            return self.engine.generate(*a, **kw)
 
 
 class AsyncRollouts:
@@ -141,19 +211,28 @@ class AsyncRollouts:
         worker_cores: per worker, the cores to pin it to (``split_cores``); [] leaves it unpinned.
         trainer_cores, threads: this process is pinned to ``trainer_cores`` with ``threads`` torch threads until
             :meth:`close`, which restores what it had.
+        engines: remote generators (vLLM servers), one worker thread each, instead of worker processes: the
+            trainer pushes its weights into each (``update_weights``) between two of its rounds.
     """
 
     def __init__(self, model: torch.nn.Module, spec: WorkerSpec, plan: Callable[[int], tuple[list[int], list[int]]],
                  *, workers: int = 1, max_staleness: int = 1, queue_size: int | None = None, max_restarts: int = 2,
                  timeout_s: float = 600.0, worker_cores: Sequence[Sequence[int]] = (),
-                 trainer_cores: Sequence[int] = (), threads: int | None = None, version: int = 0) -> None:  # fmt: skip
+                 trainer_cores: Sequence[int] = (), threads: int | None = None, version: int = 0,
+                 engines: Sequence[Any] = ()) -> None:  # fmt: skip
         ctx = torch.multiprocessing.get_context("spawn")
+        self.engines = list(engines)
+        workers = len(self.engines) or workers
         self.ctx, self.spec, self.plan = ctx, spec, plan
         self.max_staleness, self.queue_size = max_staleness, queue_size or max_staleness + 1
+        self.depth = self.queue_size  # rounds asked for, the consumed one included (adapted in next_round)
+        self.last_round_at: float | None = None
         self.max_restarts, self.timeout_s = max_restarts, timeout_s
         self.worker_cores = [list(c) for c in worker_cores] or [[] for _ in range(workers)]
-        self.shared = copy.deepcopy(model).eval().requires_grad_(False)
-        self.shared.share_memory()
+        self.start_version = version
+        if not self.engines:  # the weights the worker processes copy from
+            self.shared = copy.deepcopy(model).eval().requires_grad_(False)
+            self.shared.share_memory()
         self.version = ctx.Value("q", version)
         self.lock = ctx.Lock()
         self.results = ctx.Queue()
@@ -179,9 +258,13 @@ class AsyncRollouts:
             torch.set_num_threads(threads)
 
     def _start(self, i: int) -> None:
+        if self.engines:
+            worker = _EngineWorker(i, self.engines[i], self.spec, self.results, self.version.value)
+            self.requests[i], self.procs[i] = worker.requests, worker
+            return
         spec = copy.copy(self.spec)
         spec.cores = self.worker_cores[i]
-        p = self.ctx.Process(target=_worker_main, name=f"alignkit-rollout-{i}", daemon=True,
+        p = self.ctx.Process(target=_process_worker, name=f"alignkit-rollout-{i}", daemon=True,
                              args=(i, spec, self.shared, self.version, self.lock, self.requests[i], self.results,
                                    os.getpid()))  # fmt: skip
         try:
@@ -194,7 +277,16 @@ class AsyncRollouts:
         self.procs[i] = p
 
     def publish(self, model: torch.nn.Module, version: int) -> None:
-        """Copy the trainer's weights into the shared buffers; workers take them before their next round."""
+        """Worker processes: copy the trainer's weights into the shared buffers (each takes them before its next
+        round). Engines: push them into each engine once its round in progress is done."""
+        for w in self.procs:
+            if isinstance(w, _EngineWorker):
+                with w.lock:
+                    w.engine.update_weights(model)
+                    w.version = version
+        if self.engines:
+            self.version.value = version
+            return
         with torch.no_grad(), self.lock:
             for dst, src in zip(self.shared.state_dict().values(), model.state_dict().values()):
                 dst.copy_(src.detach().to(dst.device, dst.dtype))
@@ -253,8 +345,8 @@ class AsyncRollouts:
 
     def next_round(self, rnd: int, version: int, step: int) -> tuple[ScoredRollouts, dict[str, float]]:
         """Round ``rnd`` for the trainer at ``version``, generated at most ``max_staleness`` versions before it
-        (staler results are dropped and asked for again); then rounds up to ``rnd + queue_size - 1`` are asked
-        for ahead. Returns the round and its ``async/*`` metrics."""
+        (staler results are dropped and asked for again); then rounds up to ``rnd + depth - 1`` are asked for
+        ahead. Returns the round and its ``async/*`` metrics."""
         t0 = time.perf_counter()
         waited_since = t0
         while True:
@@ -277,7 +369,15 @@ class AsyncRollouts:
         wait = time.perf_counter() - t0
         while self._receive(timeout=0.0):  # take what has arrived, so the queue depth is current
             pass
-        for ahead in range(rnd + 1, rnd + self.queue_size):
+        in_queue = max(0.0, t0 - arrived)  # done before the trainer asked: waited this long
+        if self.last_round_at is not None:  # adapt the depth to the last round's training time
+            round_time = t0 - self.last_round_at
+            if wait > 0.05 * round_time and self.depth < self.queue_size:
+                self.depth += 1
+            elif in_queue > round_time and self.depth > 1:
+                self.depth -= 1
+        self.last_round_at = time.perf_counter()
+        for ahead in range(rnd + 1, rnd + self.depth):
             if ahead not in self.asked and ahead not in self.ready:
                 self._ask(ahead, step)
         stats = {
@@ -288,7 +388,8 @@ class AsyncRollouts:
             "async/queue_depth": float(len(self.ready)),
             "async/in_flight": float(len(self.outstanding)),
             "async/trainer_wait_s": wait,
-            "async/time_in_queue_s": max(0.0, t0 - arrived),  # done before the trainer asked: waited this long
+            "async/time_in_queue_s": in_queue,
+            "async/depth": float(self.depth),
             "async/worker_idle_s": sum(self.idle),
             "async/worker_restarts": float(self.restarts),
         }
@@ -297,6 +398,9 @@ class AsyncRollouts:
 
     def close(self) -> None:
         """Stop every worker (asked, then terminated, then killed); safe to call twice."""
+        for p in self.procs:
+            if isinstance(p, _EngineWorker):
+                p.stopped = True
         for q, p in zip(self.requests, self.procs):
             if p is not None and p.is_alive():
                 try:
