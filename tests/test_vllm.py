@@ -270,6 +270,34 @@ def test_launch_needs_a_model_dir():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_async_grpo_over_the_server_is_sync_at_staleness_0_and_overlaps_at_1(ready_server, tok, tmp_path):
+    """async_rollout with a vLLM server: a worker thread waits on the server and scores the rewards, the trainer
+    pushes its weights between two rounds. max_staleness=0 gives the synchronous run's samples and losses;
+    max_staleness=1 trains one step off and stays within the limit."""
+    from alignkit.loops.grpo import GRPOConfig, train_grpo
+
+    def run(name: str, **kw):
+        cfg = GRPOConfig(output_dir=str(tmp_path / name), group_size=4, prompts_per_step=2, max_new_tokens=8,
+                         max_steps=3, lr=1e-2, micro_batch_size=8, progress=False, seed=0, log_completions_every=1,
+                         log_completions_n=8, **kw)  # fmt: skip
+        rows = [{"prompt": p} for p in ("ab", "cd", "hi", "ok")]
+        model = build_tiny_model(_config(tok), seed=0)
+        out = train_grpo(cfg, model=model, tokenizer=tok, train_data=rows, reward_funcs=[lowercase_fraction],
+                         generator=ready_server)  # fmt: skip
+        samples = [json.loads(ln) for ln in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+        return out, [(s["step"], s["completion"]) for s in samples], model
+
+    _, sync_samples, sync_model = run("sync")
+    out0, samples0, model0 = run("async0", async_rollout=True, max_staleness=0)
+    assert samples0 == sync_samples  # the same weights and seeds on the server: the same completions
+    for p, q in zip(sync_model.parameters(), model0.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    out1, _, _ = run("async1", async_rollout=True, max_staleness=1)
+    events = out1["async_rounds"]
+    assert all(e["consumed"] - e["generated"] <= 1 for e in events if not e["dropped"])
+    assert any(e["consumed"] - e["generated"] == 1 for e in events)  # generation ran one step ahead
+
+
 def test_dead_server_is_a_clear_error(ready_server, tok):
     os.killpg(ready_server.proc.pid, signal.SIGKILL)  # the launched server's own session only
     ready_server.proc.wait(timeout=30)
@@ -320,31 +348,3 @@ def test_grpo_over_vllm_raises_reward(colocate, trainer, tok, tmp_path):
     # every round was sampled with the trainer's current weights (fp32): vLLM and trainer log-probs agree
     mismatch = [abs(r["is/mismatch_k1"]) for r in log]
     assert max(mismatch) < TOL, mismatch
-
-
-def test_async_grpo_over_the_server_is_sync_at_staleness_0_and_overlaps_at_1(ready_server, tok, tmp_path):
-    """async_rollout with a vLLM server: a worker thread waits on the server and scores the rewards, the trainer
-    pushes its weights between two rounds. max_staleness=0 gives the synchronous run's samples and losses;
-    max_staleness=1 trains one step off and stays within the limit."""
-    from alignkit.loops.grpo import GRPOConfig, train_grpo
-
-    def run(name: str, **kw):
-        cfg = GRPOConfig(output_dir=str(tmp_path / name), group_size=4, prompts_per_step=2, max_new_tokens=8,
-                         max_steps=3, lr=1e-2, micro_batch_size=8, progress=False, seed=0, log_completions_every=1,
-                         log_completions_n=8, **kw)  # fmt: skip
-        rows = [{"prompt": p} for p in ("ab", "cd", "hi", "ok")]
-        model = build_tiny_model(_config(tok), seed=0)
-        out = train_grpo(cfg, model=model, tokenizer=tok, train_data=rows, reward_funcs=[lowercase_fraction],
-                         generator=ready_server)  # fmt: skip
-        samples = [json.loads(ln) for ln in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
-        return out, [(s["step"], s["completion"]) for s in samples], model
-
-    _, sync_samples, sync_model = run("sync")
-    out0, samples0, model0 = run("async0", async_rollout=True, max_staleness=0)
-    assert samples0 == sync_samples  # the same weights and seeds on the server: the same completions
-    for p, q in zip(sync_model.parameters(), model0.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    out1, _, _ = run("async1", async_rollout=True, max_staleness=1)
-    events = out1["async_rounds"]
-    assert all(e["consumed"] - e["generated"] <= 1 for e in events if not e["dropped"])
-    assert any(e["consumed"] - e["generated"] == 1 for e in events)  # generation ran one step ahead

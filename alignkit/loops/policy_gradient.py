@@ -314,6 +314,7 @@ def train_policy_gradient(
                 cfg.backend_kwargs]  # fmt: skip
             engines = [make_generator(cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, model_dir=cfg.model,
                                       backend_kwargs=kw) for kw in kwargs]  # fmt: skip
+    own_engines = generator is None  # engines this loop made are closed at its end; a passed one is the caller's
     own_generator = generator is None and not cfg.async_rollout
     generator = None if cfg.async_rollout else generator or make_generator(
         cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, max_batch_size=cfg.generation_batch_size,
@@ -435,7 +436,7 @@ def train_policy_gradient(
     finally:
         if source is not None:
             source.close()
-        for engine in engines if generator is None else []:  # the engines this loop made
+        for engine in engines if own_engines else []:
             engine.close()
     run.log.close()
     if own_generator:
