@@ -21,6 +21,15 @@ def preference_rows(n: int) -> list[dict]:
     ]
 
 
+def reproducible_env() -> dict[str, str]:
+    """The environment for a subprocess whose weights a test compares bit for bit with another process's: MKL's
+    conditional bitwise reproducibility (``MKL_CBWR``), without which a matmul's last bit can depend on how its
+    buffers happen to be aligned in memory, so two identical runs differ by an ulp now and then."""
+    import os
+
+    return {**os.environ, "MKL_CBWR": "AUTO"}
+
+
 def loop_config(cls: type, tmp_path: Path, name: str, **kw):  # noqa: ANN201
     """A DPO / KTO config for the tiny-model loop tests: the run under `tmp_path/name`, a shared reference cache."""
     base = dict(

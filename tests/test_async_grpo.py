@@ -95,6 +95,8 @@ def test_a_slow_trainer_drops_stale_rounds_by_the_rule(tmp_path):
     assert recs[-1]["async/dropped_rounds"] == len(dropped)
     assert recs[-1]["async/dropped_samples"] == len(dropped) * 4 * 4
     assert max(r["async/staleness"] for r in recs) <= 1
+    # the depth asked for ahead came down after the drops: no further round is asked too far ahead
+    assert recs[0]["async/depth"] == 4 and recs[-1]["async/depth"] <= 2
 
 
 def test_a_killed_worker_is_restarted(tmp_path):

@@ -22,7 +22,7 @@ from alignkit.loops.dpo import DPOConfig, train_dpo
 from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.templates import get_format
-from tests.conftest import A, loop_config, preference_rows
+from tests.conftest import A, loop_config, preference_rows, reproducible_env
 
 TOK = byte_tokenizer()
 CONFIG = tiny_llama_config(len(TOK), hidden=16, layers=1, heads=2, kv_heads=2)
@@ -143,7 +143,7 @@ train_dpo(cfg, model=model, tokenizer=tok, train_data=rows, callbacks=[kill])
 
 def _script(run_dir: Path, kill_at: int, resume: bool, reference: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-c", SCRIPT, str(run_dir), str(kill_at), "1" if resume else "0", reference]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=reproducible_env())
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "tr_dpo"])

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import reproducible_env
+
 SCRIPT = r"""
 import os, signal, sys
 from alignkit.data.byte_tokenizer import byte_tokenizer
@@ -39,6 +41,7 @@ def _run(run_dir: Path, kill_at: int, resume: bool) -> int:
         capture_output=True,
         text=True,
         timeout=600,
+        env=reproducible_env(),
     )
     return p.returncode
 

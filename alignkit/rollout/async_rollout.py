@@ -15,10 +15,11 @@ synchronous algorithm run in another process: every round is generated with the 
 
 Requests go to the worker with the fewest outstanding; the trainer's wait, each worker's idle time, the queue depth
 and the time a result waited are measured per round. The depth asked for ahead adapts within ``[1, queue_size]``:
-one more round when the trainer had to wait, one fewer when a result waited longer than a whole round of training
-(the workers are that far ahead, so the samples can be fresher at no wait). A worker that dies is restarted (its
-requests sent again) up to ``max_restarts`` times, then the run stops naming it; :meth:`AsyncRollouts.close` (also
-at interpreter exit) stops every worker, and a worker whose parent has gone exits on its own.
+one fewer round after a drop, or when a result waited longer than a whole round of training (the workers are that
+far ahead, so the samples can be fresher at no wait); one more when the trainer had to wait. A worker that dies is
+restarted (its requests sent again) up to ``max_restarts`` times, then the run stops naming it;
+:meth:`AsyncRollouts.close` (also at interpreter exit) stops every worker, and a worker whose parent has gone
+exits on its own.
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ class AsyncRollouts:
         ahead. Returns the round and its ``async/*`` metrics."""
         t0 = time.perf_counter()
         waited_since = t0
+        dropped_before = self.dropped_rounds
         while True:
             if rnd not in self.asked:
                 self._ask(rnd, step)
@@ -372,10 +374,10 @@ class AsyncRollouts:
         in_queue = max(0.0, t0 - arrived)  # done before the trainer asked: waited this long
         if self.last_round_at is not None:  # adapt the depth to the last round's training time
             round_time = t0 - self.last_round_at
-            if wait > 0.05 * round_time and self.depth < self.queue_size:
+            if self.dropped_rounds > dropped_before or (in_queue > round_time and self.depth > 1):
+                self.depth = max(1, self.depth - 1)  # asked too far ahead: stale, or fresher at no wait
+            elif wait > 0.05 * round_time and self.depth < self.queue_size:
                 self.depth += 1
-            elif in_queue > round_time and self.depth > 1:
-                self.depth -= 1
         self.last_round_at = time.perf_counter()
         for ahead in range(rnd + 1, rnd + self.depth):
             if ahead not in self.asked and ahead not in self.ready:
