@@ -99,6 +99,19 @@ def test_a_slow_trainer_drops_stale_rounds_by_the_rule(tmp_path):
     assert recs[0]["async/depth"] == 4 and recs[-1]["async/depth"] <= 2
 
 
+def test_resume_starts_new_workers_from_the_checkpoint(tmp_path):
+    """A resumed async run drops no saved queue (there is none): new workers start from the resumed weights, so
+    its first round is sampled at the checkpoint's version."""
+    run = tmp_path / "run"
+    train_grpo(_cfg(run, 2, async_rollout=True), model=_model(), tokenizer=TOK, train_data=ROWS,
+               reward_funcs=[even_first])  # fmt: skip
+    out = train_grpo(_cfg(run, 4, async_rollout=True, resume=True, allow_config_change=["max_steps"]), model=_model(),
+                     tokenizer=TOK, train_data=ROWS, reward_funcs=[even_first])  # fmt: skip
+    assert out["async_rounds"][0] == {"round": 2, "generated": 2, "consumed": 2, "dropped": False}
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert _rollout_children() == []
+
+
 def test_a_killed_worker_is_restarted(tmp_path):
     killed = []
 

@@ -293,9 +293,8 @@ def train_policy_gradient(
         spec = WorkerSpec(
             tokenizer=tokenizer, prompts=list(prompts), reward_funcs=list(reward_funcs) or list(cfg.rewards),
             reward_weights=cfg.reward_weights, max_reward_failures=cfg.max_reward_failures, group_size=cfg.group_size,
-            sampling=sampling,
-            stops=stops, pad_id=pad_id, max_batch_size=cfg.generation_batch_size, max_steps=cfg.max_steps,
-            threads=threads,
+            sampling=sampling, stops=stops, pad_id=pad_id, max_batch_size=cfg.generation_batch_size,
+            max_steps=cfg.max_steps, threads=threads,
         )  # fmt: skip
 
         def plan(rnd: int) -> tuple[list[int], list[int]]:  # the round the synchronous loop would make
@@ -322,6 +321,14 @@ def train_policy_gradient(
     )  # fmt: skip
 
     run = common.start_run(model, cfg, cfg.max_steps, name)
+    # the in-flight round of a resumed run (this rank's share); stale: the engine may not hold the trainer's weights
+    saved_round = run.state.get("per_rank", {}).get("round")
+    if saved_round is not None and run.state.get("world_size", 1) != distributed.world_size():
+        raise ValueError(
+            f"the checkpoint was saved inside a generation round by {run.state.get('world_size', 1)} ranks; resume "
+            f"it on as many (now {distributed.world_size()}), or from a checkpoint at a round boundary"
+        )
+    batch = RolloutBatch(**saved_round) if saved_round is not None else None
     if cfg.async_rollout:  # workers start from the weights the run starts (or resumes) from; the queue is new
         source = AsyncRollouts(
             model, spec, plan, workers=cfg.rollout_workers, max_staleness=cfg.max_staleness,
@@ -331,14 +338,6 @@ def train_policy_gradient(
         )  # fmt: skip
         if engines:  # the engines start from the weights the run starts (or resumes) from
             source.publish(model, run.start)
-    # the in-flight round of a resumed run (this rank's share); stale: the engine may not hold the trainer's weights
-    saved_round = run.state.get("per_rank", {}).get("round")
-    if saved_round is not None and run.state.get("world_size", 1) != distributed.world_size():
-        raise ValueError(
-            f"the checkpoint was saved inside a generation round by {run.state.get('world_size', 1)} ranks; resume "
-            f"it on as many (now {distributed.world_size()}), or from a checkpoint at a round boundary"
-        )
-    batch = RolloutBatch(**saved_round) if saved_round is not None else None
     stale = True
     model.train()
     steps: Any = common.step_range(run, name)
