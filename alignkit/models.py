@@ -116,6 +116,10 @@ def load_model_and_tokenizer(
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     try:
+        if auto_class is AutoModelForCausalLM and _is_vision_checkpoint(name, trust_remote_code):
+            from transformers import AutoModelForImageTextToText
+
+            auto_class = AutoModelForImageTextToText
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
@@ -132,6 +136,16 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _is_vision_checkpoint(name: str, trust_remote_code: bool) -> bool:
+    """Whether ``name``'s config describes a vision-language model (loaded with AutoModelForImageTextToText)."""
+    from transformers import AutoConfig
+
+    return (
+        getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "vision_config", None)
+        is not None
+    )
 
 
 def pad_token_id(tokenizer: Any) -> int:

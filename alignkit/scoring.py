@@ -30,6 +30,7 @@ from alignkit.logprobs import DEFAULT_TOKEN_CHUNK, IGNORE_INDEX, chunked_token_l
 from alignkit.losses.preference import ld_token_weights, wpo_sequence_weights
 from alignkit.models import decoder_of, eval_mode
 from alignkit.ops import segment_sum
+from alignkit.vision import is_vision_model, vision_backbone
 
 __all__ = [
     "backbone",
@@ -56,7 +57,9 @@ def backbone(model: torch.nn.Module) -> Any:  # noqa: ANN401
     decoder module (:func:`alignkit.models.decoder_of`), or on a DDP / FSDP2 model the wrapper's forward that
     runs it (:func:`alignkit.distributed.backbone_route`), so gradients are reduced and shards gathered."""
     route = backbone_route(model)
-    return route if route is not None else decoder_of(model)
+    if route is not None:
+        return route
+    return vision_backbone(model) if is_vision_model(model) else decoder_of(model)
 
 
 def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:

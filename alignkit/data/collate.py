@@ -214,7 +214,13 @@ def pack_collate(examples: Sequence[Mapping[str, Any]], *, capacity: int | None 
     return batch
 
 
-def pack_rows(examples: Sequence[Mapping[str, Any]], *, capacity: int, pad_token_id: int) -> dict[str, Any]:
+def pack_rows(
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    capacity: int,
+    pad_token_id: int,
+    bins: Sequence[Sequence[int]] | None = None,
+) -> dict[str, Any]:
     """Pack examples into R rows of at most `capacity` tokens (best-fit decreasing), stacked as [R, L].
 
     Each row is a :func:`pack_collate` row; rows shorter than the longest are filled with one padding
@@ -223,9 +229,13 @@ def pack_rows(examples: Sequence[Mapping[str, Any]], *, capacity: int, pad_token
     rows are far cheaper than one [1, ΣL] row. With flash-attention varlen, one row (:func:`pack_collate`)
     is best.
 
+    ``bins`` (the examples of each row, in order) defaults to :func:`pack_best_fit_decreasing`; pass it to know
+    the order of the documents (a vision-language batch lists its images in that order).
+
     Returns ``input_ids``, ``labels``, ``position_ids``, ``document_ids`` [R, L] and ``n_rows``.
     """
-    bins = pack_best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
+    if bins is None:
+        bins = pack_best_fit_decreasing([len(e["input_ids"]) for e in examples], capacity)
     rows = [pack_collate([examples[i] for i in b]) for b in bins]
     width = max(r["input_ids"].shape[1] for r in rows)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "labels", "position_ids", "document_ids")}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.images import absolute_image_paths
 from alignkit.data.rows import RowError, Verbatim
 from alignkit.errors import AlignkitError
 
@@ -342,14 +343,14 @@ def load_rows(source: Any, split: str = "train", *, limit: int | None = None):  
         name = str(source)
         suffix = p.suffix.lower()
         if p.is_file():
-            ds = _load_file(p, name)
+            ds = absolute_image_paths(_load_file(p, name), p.parent)
             json_lines = p if _json_lines(p) else None
         elif p.is_dir() and (p / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
         elif p.is_dir():
-            ds = _load_folder(p, name, split)
+            ds = absolute_image_paths(_load_folder(p, name, split), p)
         elif suffix in FILE_KINDS:  # a data file name, not a hub id: say so rather than ask the hub
             raise FileNotFoundError(f"{name}: no such file")
         else:

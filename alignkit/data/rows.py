@@ -99,6 +99,8 @@ class Sample:
     text: str | None = None
     tools: list[dict] | None = None
     source_field: str = "messages"  # the row's field(s) the messages came from, for errors found when rendering
+    images: list[Any] | None = None  # a vision-language row's images, one per image part (not yet decoded)
+    image_field: str | None = None  # the row's column they came from (`images` or `image`), for errors
 
 
 def check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool = True) -> list[dict[str, Any]]:
@@ -120,11 +122,59 @@ def check_messages(msgs: Any, index: int | None, field: str, *, alternate: bool 
         c = m.get("content")
         if c is None and not m.get("tool_calls"):
             raise RowError(index, f + ".content", "a string", "missing")
-        if c is not None and not isinstance(c, str):
-            raise RowError(index, f + ".content", "a string (multimodal parts are not supported here)", type(c))
-        out.append({k: v for k, v in m.items() if v is not None})
+        if isinstance(c, (list, tuple)):
+            c = check_parts(c, index, f + ".content")
+        elif c is not None and not isinstance(c, str):
+            raise RowError(index, f + ".content", "a string or a list of text/image parts", type(c))
+        out.append({**{k: v for k, v in m.items() if v is not None}, **({"content": c} if c is not None else {})})
     if alternate:
         check_turns([(field, out)], index)
+    return out
+
+
+PART_TYPES = ("text", "image", "image_url")
+IMAGE_COLUMNS = ("images", "image")  # TRL's image columns: a list of images, or one
+
+
+def count_image_parts(messages: Sequence[Mapping[str, Any]]) -> int:
+    """How many image parts (`{"type": "image"}` / OpenAI `image_url`) the messages hold."""
+    n = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            n += sum(1 for p in content if isinstance(p, Mapping) and p.get("type") in ("image", "image_url"))
+    return n
+
+
+def row_images(row: Mapping[str, Any]) -> tuple[str | None, list[Any]]:
+    """(the row's image column, its images as a list): ``images`` (a list, or one value) or ``image``."""
+    for col in IMAGE_COLUMNS:
+        if col in row and row[col] is not None:
+            value = row[col]
+            many = isinstance(value, (list, tuple)) and not is_array(value)
+            return col, list(value) if many else [value]
+    return None, []
+
+
+def is_array(value: Any) -> bool:
+    """A numpy / torch array (one image as ``[H, W, C]``), not a list of images."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def check_parts(parts: Sequence[Any], index: int | None, field: str) -> list[dict[str, Any]]:
+    """Multimodal content (TRL's convention): ``{"type": "text", "text": str}`` and ``{"type": "image"}`` parts
+    (OpenAI ``image_url`` parts too). Parts are kept as given (a template may read their other keys)."""
+    out = []
+    for k, part in enumerate(parts):
+        f = f"{field}[{k}]"
+        if not isinstance(part, Mapping):
+            raise RowError(index, f, "a dict like {'type': 'text', 'text': ...} or {'type': 'image'}", type(part))
+        kind = part.get("type")
+        if kind not in PART_TYPES:
+            raise RowError(index, f + ".type", f"one of {PART_TYPES} (video and audio are not supported)", kind)
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise RowError(index, f + ".text", "a string", type(part.get("text")))
+        out.append(dict(part))
     return out
 
 
@@ -197,7 +247,20 @@ FORMATS = ("messages", "conversations", "prompt", "completion", "text")
 
 
 def normalize_row(row: Mapping[str, Any], index: int | None = None, *, alternate: bool = True) -> Sample:
-    """One dataset row -> `Sample`, or `RowError` naming the row index, the field and what was expected."""
+    """One dataset row -> `Sample`, or `RowError` naming the row index, the field and what was expected.
+    A vision-language row's images stay undecoded; their number must match the image parts."""
+    sample = _normalize_text_row(row, index, alternate=alternate)
+    col, images = row_images(row)
+    parts = count_image_parts(sample.messages or [])
+    if parts or images:
+        if len(images) != parts:
+            want = f"{parts} image(s), one per image part of the messages"
+            raise RowError(index, col or "images", want, Verbatim(f"{len(images)} image(s)"))
+        sample.images, sample.image_field = images, col
+    return sample
+
+
+def _normalize_text_row(row: Mapping[str, Any], index: int | None = None, *, alternate: bool = True) -> Sample:
     if not isinstance(row, Mapping):
         raise RowError(index, None, "a dict (one object per row)", type(row))
     tools = row.get("tools")

@@ -206,6 +206,138 @@ def tokenize_conversation(
     return {**e.as_dict(), "truncated": e.truncated}
 
 
+def _expanded(
+    r: Rendered, expansions: Sequence[str], ranges: list[tuple[int, int]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The render with image span k replaced by ``expansions[k]``, and the trainable ranges moved with it (an
+    image's tokens are never trained, even with ``train_on="all"``)."""
+    pieces, moved, pos, k = [], [], 0, 0
+    for s in r.spans:
+        text = expansions[k] if s.image else r.text[s.start : s.end]
+        k += s.image
+        if not s.image:  # the part of each trainable range inside this span, in the new coordinates
+            moved += [
+                (pos + max(a, s.start) - s.start, pos + min(b, s.end) - s.start)
+                for a, b in ranges
+                if a < s.end and b > s.start
+            ]
+        pieces.append(text)
+        pos += len(text)
+    return "".join(pieces), moved
+
+
+@dataclass
+class VisionEncoded(Encoded):
+    """An encoded vision-language row: its images (as the row gave them: decoded again when batched)."""
+
+    images: list[Any] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "images": self.images}
+
+
+def encode_vision_samples(
+    vision: Any,
+    samples: Sequence[Sample],
+    *,
+    chat_format: ChatFormat,
+    switches: Mapping[str, Any],
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    truncation: str = "right",
+    add_generation_prompt: bool = False,
+    indices: Sequence[int] | None = None,
+) -> list[VisionEncoded]:
+    """:func:`encode_samples` for vision-language rows: each image placeholder the chat format rendered is
+    expanded into the model's image tokens (``vision``: an :class:`alignkit.vision.VisionProcessor`) before the one
+    tokenizer call. Image tokens are never trained. Truncation that would cut through an image raises RowError."""
+    from alignkit.data.images import sample_images
+
+    if not chat_format.multimodal and any(s.images for s in samples):
+        raise ValueError(
+            f"chat format {chat_format.name!r} is text-only; vision-language rows need a multimodal format "
+            "(e.g. llava-1.5, qwen2.5-vl, smolvlm; `alignkit.templates.list_formats()`)"
+        )
+    tok = vision.tokenizer
+    texts, ranges, image_lists = [], [], []
+    for k, s in enumerate(samples):
+        idx = indices[k] if indices is not None else None
+        if s.messages is None:
+            raise RowError(idx, s.source_field, "a conversation (messages) for a vision-language model")
+        try:
+            r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
+        except TemplateError as e:
+            raise RowError(idx, s.source_field, f"a conversation chat format {chat_format.name!r} accepts ({e})") from e
+        images = sample_images(s, idx)
+        if len(r.image_spans()) != len(images):
+            want = f"every image rendered once by chat format {chat_format.name!r}"
+            got = Verbatim(f"{len(images)} images, {len(r.image_spans())} rendered")
+            raise RowError(idx, s.image_field or "images", want, got)
+        text, rng = _expanded(r, vision.expansions(images), _trainable_ranges(r, train_on, s.completion_start))
+        texts.append(text)
+        ranges.append(rng)
+        image_lists.append(list(s.images or []))
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=not getattr(tok, "is_fast", False))
+    out = []
+    for k, ids in enumerate(enc["input_ids"]):
+        idx = indices[k] if indices is not None else None
+        if getattr(tok, "is_fast", False):
+            labels = _labels(ids, enc.encodings[k], ranges[k], len(texts[k]))
+        else:
+            labels = _labels_by_offsets(ids, enc["offset_mapping"][k], ranges[k], len(texts[k]))
+        want = texts[k].count(vision.family.image_token)
+        if vision.family.image_count(ids, vision.token_ids) != want:
+            raise ValueError(
+                f"the tokenizer does not encode {vision.family.image_token!r} as one token ({want} expected, "
+                f"{vision.family.image_count(ids, vision.token_ids)} found): add it as a special token"
+            )
+        n = len(ids)
+        ids, labels, cut = _truncate(list(ids), labels, max_length, truncation, idx)
+        if cut and vision.family.image_count(ids, vision.token_ids) != want:
+            field_name = samples[k].image_field or "images"
+            exp = f"at most max_length={max_length} tokens without cutting an image's tokens"
+            raise RowError(idx, field_name, exp, Verbatim(f"{n} tokens, an image among those cut"))
+        out.append(VisionEncoded(ids, labels, cut, images=image_lists[k]))
+    return out
+
+
+def tokenize_vision_rows(
+    vision: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    chat_format: str | ChatFormat | None = None,
+    train_on: str = "assistant",
+    max_length: int | None = None,
+    truncation: str = "right",
+    switches: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], TokenizeReport]:
+    """Tokenize vision-language rows (a list or ``datasets.Dataset``) one by one, as :func:`tokenize_rows`;
+    each example keeps its ``images`` (decoded again when batched: pixel tensors are not held in memory)."""
+    fmt = resolve_format(vision.tokenizer, chat_format)
+    sw = tokenizer_switches(vision.tokenizer, fmt, switches)
+    report = TokenizeReport()
+    out: list[dict[str, Any]] = []
+    it: Any = range(len(rows))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="tokenize", unit="row")
+    for i in it:
+        (e,) = encode_vision_samples(
+            vision, [normalize_row(rows[i], i)], chat_format=fmt, switches=sw, train_on=train_on,
+            max_length=max_length, truncation=truncation, indices=[i],
+        )  # fmt: skip
+        report.rows += 1
+        report.truncated += e.truncated
+        if e.num_trained_tokens == 0:
+            report.dropped_no_trainable += 1
+            report.dropped_indices.append(i)
+            continue
+        out.append(e.as_dict())
+    return out, report
+
+
 @dataclass
 class TokenizeReport:
     rows: int = 0

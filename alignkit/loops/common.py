@@ -99,6 +99,25 @@ def precision(cfg: Any, model: torch.nn.Module) -> Any:  # noqa: ANN401
     return hardware.autocast(kind, next(model.parameters()).device)
 
 
+def vision_processor(model: torch.nn.Module, tokenizer: Any, cfg: Any, image_processor: Any = None) -> Any:  # noqa: ANN401
+    """For a vision-language model: its :class:`alignkit.vision.VisionProcessor` (image processor from the model's
+    folder, or ``image_processor``, or made to match its config), with ``freeze_vision`` applied. None for a text
+    model (``freeze_vision`` is then refused)."""
+    from alignkit.config import ConfigError
+    from alignkit.vision import VisionProcessor, freeze_vision_tower, is_vision_model
+
+    if not is_vision_model(model):
+        if getattr(cfg, "freeze_vision", False):
+            raise ConfigError(f"{type(cfg).__name__}.freeze_vision=True: the model has no vision encoder")
+        return None
+    vision = VisionProcessor.for_model(model, tokenizer, image_processor)
+    if getattr(cfg, "packing", False) and not vision.family.packing:
+        raise ConfigError(f"{type(cfg).__name__}.packing=True: {vision.family.packing_refusal}")
+    if getattr(cfg, "freeze_vision", False):
+        freeze_vision_tower(model)
+    return vision
+
+
 def maybe_add_lora(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     """Wrap ``model`` in a LoRA adapter when ``cfg.lora_r > 0`` (a peft model passed in is used as it is)."""
     if cfg.lora_r > 0 and not is_peft(model):

@@ -93,6 +93,7 @@ class ModelBlock(ParallelBlock):
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in backward (less memory)
     compile: bool = False  # torch.compile each decoder layer
+    freeze_vision: bool = False  # vision-language models: train the language side only (encoder + projector frozen)
 
     def check(self) -> None:
         from alignkit.models import resolve_dtype

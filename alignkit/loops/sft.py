@@ -21,7 +21,7 @@ import torch
 from alignkit import distributed
 from alignkit.data.collate import pack_collate, pack_rows, packed_forward_kwargs, pad_collate
 from alignkit.data.loading import load_rows
-from alignkit.data.tokenize import tokenize_dataset
+from alignkit.data.tokenize import tokenize_dataset, tokenize_vision_rows
 from alignkit.hardware import to_device
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
@@ -49,16 +49,21 @@ class SFTConfig(OfflineConfig):
     label_smoothing: float = 0.0  # mix of the mean log-prob over the vocabulary into each token loss
 
 
-def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> dict[str, torch.Tensor]:
+def _batch(examples: list[dict[str, Any]], cfg: SFTConfig, pad_id: int, vision: Any = None) -> dict[str, torch.Tensor]:
     if cfg.packing:
         impl = cfg.attn_implementation or "sdpa"
         # one padding-free row for kernels that keep documents apart at no cost (flash varlen, flex attention's
         # document mask); rows of at most max_length for dense sdpa/eager, whose cost grows with the row length²
         varlen = "flash" in impl or impl == "flex_attention"
+        if vision is not None:  # the rows' images in their packed order
+            cap = None if varlen else cfg.max_length
+            return vision.pack(examples, capacity=cap, pad_token_id=pad_id, attn_implementation=impl)
         b = pack_collate(examples) if varlen else pack_rows(examples, capacity=cfg.max_length, pad_token_id=pad_id)
         kw = packed_forward_kwargs(b, impl)
         kw.pop("use_cache", None)
         return {**kw, "labels": b["labels"]}
+    if vision is not None:
+        return vision.collate(examples, pad_id)
     b = pad_collate(examples, pad_token_id=pad_id)
     return {k: b[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
 
@@ -79,7 +84,9 @@ def _micro_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: SFT
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: SFTConfig, pad_id: int) -> float:
+def evaluate(
+    model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: SFTConfig, pad_id: int, vision: Any = None
+) -> float:
     """Token-mean NLL over `examples`."""
     with eval_mode(model):
         total, n = 0.0, 0
@@ -87,7 +94,7 @@ def evaluate(model: torch.nn.Module, examples: Sequence[dict[str, Any]], cfg: SF
             chunk = list(examples[i : i + cfg.batch_size])
             tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in chunk)
             with common.precision(cfg, model):
-                loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id), cfg, normalizer=1.0)
+                loss, _ = _micro_loss(model, _batch(chunk, cfg, pad_id, vision), cfg, normalizer=1.0)
             total += float(loss)
             n += tokens
     return total / max(n, 1)
@@ -101,27 +108,34 @@ def train_sft(
     train_data: Any = None,
     eval_data: Any = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    image_processor: Any = None,
 ) -> dict[str, Any]:
-    """Run SFT. Pass `model`/`tokenizer`/`train_data` objects, or let `cfg` name them. Returns a summary."""
+    """Run SFT. Pass `model`/`tokenizer`/`train_data` objects, or let `cfg` name them. Returns a summary.
+    A vision-language model (``AutoModelForImageTextToText``) trains on rows with images (``alignkit.vision``)."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    vision = common.vision_processor(model, tokenizer, cfg, image_processor)  # None for a text model
     model = common.maybe_add_lora(model, cfg)
     pad_id = pad_token_id(tokenizer)
 
     # rows -> tokens + labels (rows with nothing to train on are dropped and reported)
     tok_kw = dict(chat_format=cfg.chat_format, train_on=cfg.train_on, max_length=cfg.max_length)
     tok_kw["truncation"] = cfg.truncation
-    train_ds, report = tokenize_dataset(
-        load_rows(train_data or cfg.train_source(), cfg.dataset_split), tokenizer, **tok_kw
-    )
+
+    def tokenize(source: Any, split: str) -> tuple[list[dict[str, Any]], Any]:
+        rows = load_rows(source, split)
+        if vision is not None:  # images stay files (or bytes) until batched
+            return tokenize_vision_rows(vision, rows, progress=cfg.progress, **tok_kw)
+        ds, rep = tokenize_dataset(rows, tokenizer, **tok_kw)
+        return ds.to_list(), rep
+
+    train, report = tokenize(train_data or cfg.train_source(), cfg.dataset_split)
     print(f"[alignkit sft] train: {report}")
-    train = train_ds.to_list()
     evals: list[dict[str, Any]] = []
     if eval_data is not None or cfg.eval_dataset:
-        eval_ds, _ = tokenize_dataset(load_rows(eval_data or cfg.eval_dataset, cfg.eval_split), tokenizer, **tok_kw)
-        evals = eval_ds.to_list()[: cfg.eval_rows]
+        evals = tokenize(eval_data or cfg.eval_dataset, cfg.eval_split)[0][: cfg.eval_rows]
 
     # the whole data order, fixed by the seed: resuming means skipping to a step
     pack_tokens = (cfg.pack_tokens or cfg.batch_size * cfg.max_length) if cfg.packing else None
@@ -142,7 +156,7 @@ def train_sft(
         for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
             with grad_sync:
                 with common.precision(cfg, model):
-                    loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id), cfg, normalizer=float(n_trained))
+                    loss, _ = _micro_loss(model, _batch(mb, cfg, pad_id, vision), cfg, normalizer=float(n_trained))
                 distributed.backward(loss)
             acc.add({"loss": loss.detach()})
         grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
@@ -151,9 +165,9 @@ def train_sft(
         counts = {"num_tokens": n_tokens, "num_trained_tokens": n_trained}
         record = common.step_record(done, acc.result(over_ranks=True), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-            record["eval_loss"] = evaluate(model, evals, cfg, pad_id)
+            record["eval_loss"] = evaluate(model, evals, cfg, pad_id, vision)
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
+        common.end_step(run, record, model=model, tokenizer=vision or tokenizer, callbacks=callbacks)
     run.log.close()
     return {"steps": total_steps, "last": record, "run_dir": str(run_dir), "report": str(report)}

@@ -20,6 +20,9 @@ from alignkit.templates import (  # noqa: F401
     fmt_llama,
     fmt_mistral,
     fmt_others,
+    fmt_vlm_chatml,
+    fmt_vlm_llava,
+    fmt_vlm_others,
 )
 from alignkit.templates.base import REGISTRY, Builder, ChatFormat, Rendered, Span, TemplateError
 from alignkit.templates.detection import GenericFormat, detect, detect_all

@@ -10,6 +10,11 @@ Trainable text, by convention for every format: the assistant content *as the te
 that closes that assistant message (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`...). Role headers,
 separators before the content, whitespace after the end-of-turn marker, and all system / user / tool
 text are not trainable.
+
+Multimodal formats (`ChatFormat.multimodal`) also accept list content (`{"type": "text", "text": ...}` and
+`{"type": "image"}` parts, TRL's convention). Each image part renders as the template's placeholder text in a
+span of its own with `image=True` (never trainable, never merged with a neighbour): the tokenizer later expands
+that span into the model's image tokens (`alignkit.vision`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Span:
     message_index: int | None
     role: str | None
     trainable: bool
+    image: bool = False  # the placeholder of one image part (expanded into image tokens when tokenized)
 
 
 @dataclass
@@ -49,6 +55,9 @@ class Rendered:
 
     def trainable_spans(self) -> list[Span]:
         return [s for s in self.spans if s.trainable]
+
+    def image_spans(self) -> list[Span]:
+        return [s for s in self.spans if s.image]
 
     def trainable_text(self) -> list[str]:
         """The trainable pieces, one string per trainable span (adjacent pieces of one message merged)."""
@@ -68,7 +77,8 @@ class Builder:
             return self
         end = self._pos + len(text)
         last = self._spans[-1] if self._spans else None
-        if last is not None and (last.message_index, last.role, last.trainable) == (msg, role, train):
+        same = last is not None and (last.message_index, last.role, last.trainable) == (msg, role, train)
+        if last is not None and same and not last.image:
             self._spans[-1] = Span(last.start, end, msg, role, train)
         else:
             self._spans.append(Span(self._pos, end, msg, role, train))
@@ -76,11 +86,45 @@ class Builder:
         self._pos = end
         return self
 
+    def add_image(self, placeholder: str, msg: int, role: str) -> Builder:
+        """One image part: its placeholder text as a span of its own (never trained, never merged)."""
+        if not placeholder:
+            raise ValueError("an image placeholder cannot be empty")
+        self._spans.append(Span(self._pos, self._pos + len(placeholder), msg, role, False, image=True))
+        self._parts.append(placeholder)
+        self._pos += len(placeholder)
+        return self
+
     def build(self) -> Rendered:
         return Rendered("".join(self._parts), list(self._spans))
 
 
-def _validate_messages(messages: Any) -> list[dict[str, Any]]:
+IMAGE_PART_KEYS = ("image", "url", "path", "base64")  # where a part may carry its image; templates never read them
+
+
+def _content_parts(content: list, i: int) -> list[dict[str, Any]]:
+    """List content as the processor passes it to the template: OpenAI `image_url` parts become image parts."""
+    out = []
+    for j, part in enumerate(content):
+        where = f"messages[{i}]['content'][{j}]"
+        if not isinstance(part, Mapping):
+            want = "a dict like {'type': 'text', 'text': ...}"
+            raise TemplateError(f"{where} must be {want}, got {type(part).__name__}")
+        kind = part.get("type")
+        if kind == "image_url" and "image_url" in part:
+            url = part["image_url"].get("url", "") if isinstance(part["image_url"], Mapping) else part["image_url"]
+            part = {"type": "image", "url": url}
+        elif kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise TemplateError(f"{where} is a text part without a string 'text' (got {part.get('text')!r})")
+        elif kind != "image":
+            expected = "expected 'text' or 'image' (video and audio parts are not supported)"
+            raise TemplateError(f"{where}['type'] = {kind!r}; {expected}")
+        out.append(dict(part))
+    return out
+
+
+def _validate_messages(messages: Any, multimodal: bool = False) -> list[dict[str, Any]]:
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise TemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
     out = []
@@ -92,10 +136,13 @@ def _validate_messages(messages: Any) -> list[dict[str, Any]]:
         if m["role"] not in ROLES:
             raise TemplateError(f"messages[{i}]['role'] = {m['role']!r}; expected one of {ROLES}")
         content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            raise TemplateError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")
         # transformers drops keys whose value is None before rendering; so do we.
         m = {k: v for k, v in m.items() if v is not None}
+        if multimodal and isinstance(content, (list, tuple)):
+            m["content"] = _content_parts(list(content), i)
+        elif content is not None and not isinstance(content, str):
+            kind = "a string or a list of text/image parts" if multimodal else "a string (this format is text-only)"
+            raise TemplateError(f"messages[{i}]['content'] must be {kind}, got {type(content).__name__}")
         # transformers >= 5 also copies a message's reasoning (first of reasoning_content / thinking /
         # reasoning) into `reasoning_content` (always) and `thinking` (unless set); templates read either.
         r = next((m[k] for k in REASONING_KEYS if k in m), None)
@@ -109,11 +156,14 @@ class ChatFormat:
     Subclasses set `name`, `description`, `claims` (conformance template families in
     `shared/conformance/templates/` whose official template this renderer reproduces byte for byte),
     `switches` (template variables and flags with the model's real defaults), and implement `_render`.
+    Multimodal formats set `multimodal = True` and `vlm_claims` (families in `shared/conformance/vlm/`).
     """
 
     name: str = ""
     description: str = ""
     claims: tuple[str, ...] = ()
+    vlm_claims: tuple[str, ...] = ()
+    multimodal: bool = False
     switches: Mapping[str, Any] = {}
 
     def render(
@@ -126,7 +176,7 @@ class ChatFormat:
         if unknown:
             raise TypeError(f"format {self.name!r} has no switch(es) {sorted(unknown)}; valid: {sorted(self.switches)}")
         sw = {**self.switches, **switches}
-        msgs = _validate_messages(messages)
+        msgs = _validate_messages(messages, self.multimodal)
         b = Builder()
         self._render(b, msgs, bool(add_generation_prompt), sw)
         return b.build()

@@ -11,7 +11,7 @@ from typing import Any
 
 from alignkit.templates.base import REGISTRY, Builder, ChatFormat, Rendered, TemplateError
 
-PROBES: list[tuple[list[dict[str, str]], bool]] = [
+PROBES: list[tuple[list[dict[str, Any]], bool]] = [
     ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 😀"}], False),
     (
         [
@@ -33,6 +33,26 @@ PROBES: list[tuple[list[dict[str, str]], bool]] = [
     ),
     ([{"role": "user", "content": "only user"}], False),
     ([{"role": "user", "content": "only user"}], True),
+]
+
+# Multimodal formats must also match on image conversations (TRL's list-of-parts content).
+MULTIMODAL_PROBES: list[tuple[list[dict[str, Any]], bool]] = [
+    (
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+            {"role": "user", "content": [{"type": "text", "text": "And these?"}, {"type": "image"}, {"type": "image"}]},
+        ],
+        True,
+    ),
+    ([{"role": "user", "content": [{"type": "text", "text": "no image"}]}], True),
+    (
+        [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Caption?"}]},
+        ],
+        True,
+    ),
 ]
 
 
@@ -66,7 +86,7 @@ def _matches(fmt: ChatFormat, template: str, tokens: dict[str, str] | None) -> b
     # does each format's `date_string` switch (None = today), whichever way the template reads the clock.
     ours_kw = {k: v for k, v in kw.items() if k in fmt.switches}
     rendered = 0
-    for messages, gen in PROBES:
+    for messages, gen in PROBES + (MULTIMODAL_PROBES if fmt.multimodal else []):
         try:
             want: str | None = _official(template, messages, gen, kw)
         except Exception:  # noqa: BLE001 - the template refusing a probe is itself a behaviour to match
@@ -83,9 +103,11 @@ def _matches(fmt: ChatFormat, template: str, tokens: dict[str, str] | None) -> b
 
 
 def detect_all(tokenizer_or_template: Any) -> list[ChatFormat]:
-    """Every registered format whose renders equal the template's on all probe conversations."""
+    """Every registered format whose renders equal the template's on all probe conversations; multimodal
+    formats (which also matched the image probes) first."""
     template, tokens = _template_and_tokens(tokenizer_or_template)
-    return [f for f in REGISTRY.formats.values() if _matches(f, template, tokens)]
+    found = [f for f in REGISTRY.formats.values() if _matches(f, template, tokens)]
+    return sorted(found, key=lambda f: not f.multimodal)
 
 
 def detect(tokenizer_or_template: Any) -> ChatFormat | None:

@@ -1,0 +1,333 @@
+"""Vision-language rows, tokenization, batching and SFT on tiny random-init VLMs (LLaVA, Qwen2-VL, Idefics3).
+
+Each family is built from configs with alignkit's byte tokenizer (its image tokens added as special tokens) and
+an image processor made in code; no downloads, no torchvision.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from alignkit import vision
+from alignkit.data.rows import RowError, normalize_row
+from alignkit.data.tokenize import tokenize_vision_rows
+from alignkit.logprobs import IGNORE_INDEX
+from alignkit.loops.sft import SFTConfig, train_sft
+from alignkit.scoring import model_token_logps
+from alignkit.templates import get_format
+from tests import vlm_tasks
+
+# (vision family, chat format whose end-of-turn marker the tokenizer holds)
+FAMILIES = [("llava", "llava-1.5"), ("qwen2_vl", "qwen2.5-vl"), ("idefics3", "smolvlm")]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])
+def family(request):
+    fam, fmt = request.param
+    tok = vision.vision_byte_tokenizer(fam)
+    model = vision.tiny_vlm(fam, tok, seed=0)
+    return fam, fmt, tok, model, vision.VisionProcessor.for_model(model, tok)
+
+
+def _image(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _row(question: str, answer: str, n_images: int = 1, seed: int = 0) -> dict:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return {
+        "images": [_image(seed + k) for k in range(n_images)],
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rows: images as paths, PIL, bytes, dicts; errors name row, field and expectation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_image_sources_decode_alike(tmp_path, family):
+    _, fmt, tok, _, vp = family
+    img = _image(3)
+    path = tmp_path / "a.png"
+    img.save(path)
+    raw = path.read_bytes()
+    forms = [str(path), img, raw, {"bytes": raw, "path": None}, {"bytes": None, "path": str(path)}, np.asarray(img)]
+    outs = []
+    for form in forms:
+        ex, _ = tokenize_vision_rows(vp, [{**_row("q?", "a"), "images": [form]}], chat_format=fmt)
+        outs.append(vp.collate(ex, tok.pad_token_id))
+    for o in outs[1:]:
+        assert torch.equal(o["input_ids"], outs[0]["input_ids"])
+        assert torch.equal(o["pixel_values"], outs[0]["pixel_values"])
+
+
+def test_relative_image_paths_are_relative_to_the_dataset_file(tmp_path, family):
+    _, fmt, tok, _, vp = family
+    (tmp_path / "imgs").mkdir()
+    _image(1).save(tmp_path / "imgs" / "x.png")
+    row = {**_row("q?", "a"), "images": ["imgs/x.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    from alignkit.data.loading import load_rows
+
+    ex, rep = tokenize_vision_rows(vp, load_rows(str(tmp_path / "d.jsonl")), chat_format=fmt)
+    assert rep.rows == 1 and ex[0]["images"] == [str((tmp_path / "imgs" / "x.png").resolve())]
+
+
+def test_bad_images_raise_naming_row_and_field(tmp_path):
+    tok = vision.vision_byte_tokenizer("llava")
+    vp = vision.VisionProcessor.for_model(vision.tiny_vlm("llava", tok), tok)
+    rows = [_row("q", "a"), {**_row("q", "a", n_images=2), "images": ["/no/such/file.png", _image(0)]}]
+    with pytest.raises(RowError, match=r"row 1, field 'images\[0\]': expected an existing image file; got no file"):
+        tokenize_vision_rows(vp, rows, chat_format="llava-1.5")
+    with pytest.raises(RowError, match=r"row 0, field 'images': expected 2 image\(s\), one per image part"):
+        normalize_row({**_row("q", "a", n_images=2), "images": [_image(0)]}, 0)
+    bad = {**_row("q", "a"), "images": [b"not an image"]}
+    with pytest.raises(
+        RowError, match=r"field 'images\[0\]': expected an image that decodes; got UnidentifiedImageError"
+    ):
+        tokenize_vision_rows(vp, [bad], chat_format="llava-1.5")
+    with pytest.raises(RowError, match=r"field 'messages\[0\]\.content\[0\]\.type'"):
+        normalize_row({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, 0)
+    with pytest.raises(ValueError, match="text-only"):
+        tokenize_vision_rows(vp, [_row("q", "a")], chat_format="chatml")
+
+
+def test_truncation_through_an_image_is_refused(family):
+    _, fmt, _, _, vp = family
+    row = {"images": [_image(0)], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x" * 5}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "answer"}]},
+    ]}  # fmt: skip
+    with pytest.raises(RowError, match=r"row 0, field 'images': expected at most max_length=12 tokens without cutting"):
+        tokenize_vision_rows(vp, [row], chat_format=fmt, max_length=12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokens: what the family's own processor makes; only assistant text trained
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", ["llava", "idefics3"])
+def test_input_ids_and_pixels_equal_the_official_processor(fam):
+    fmt = dict(FAMILIES)[fam]
+    tok = vision.vision_byte_tokenizer(fam)
+    model = vision.tiny_vlm(fam, tok)
+    vp = vision.VisionProcessor.for_model(model, tok)
+    proc = vp.family.hf_processor(vp.image_processor, tok, model.config)
+    row = _row("What is it?", "A cat.", n_images=2, seed=5)
+    ex, _ = tokenize_vision_rows(vp, [row], chat_format=fmt)
+    text = get_format(fmt).render(row["messages"]).text
+    ref = proc(text=[text], images=[row["images"]], return_tensors="pt", add_special_tokens=False)
+    assert ex[0]["input_ids"] == ref["input_ids"][0].tolist()
+    ours = vp.collate(ex, tok.pad_token_id)
+    want = ref["pixel_values"].flatten(0, 1) if fam == "idefics3" else ref["pixel_values"]
+    got = ours["pixel_values"].flatten(0, 1) if fam == "idefics3" else ours["pixel_values"]
+    assert torch.equal(got, want)
+
+
+def test_qwen2_vl_image_tokens_follow_the_grid():
+    tok = vision.vision_byte_tokenizer("qwen2_vl")
+    model = vision.tiny_vlm("qwen2_vl", tok)
+    vp = vision.VisionProcessor.for_model(model, tok)
+    row = {**_row("q", "a", n_images=2), "images": [_image(0, (30, 30)), _image(1, (120, 30))]}
+    ex, _ = tokenize_vision_rows(vp, [row], chat_format="qwen2.5-vl")
+    grid = vp.process([row["images"][0], row["images"][1]])["image_grid_thw"]
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert ex[0]["input_ids"].count(pad) == int(sum(g.prod() for g in grid)) // 4
+    assert grid[0].tolist() != grid[1].tolist()  # dynamic resolution: the two images differ
+
+
+_words = st.text(st.sampled_from(list("abcdefgh XYZ.,?!é")), min_size=1, max_size=12).filter(lambda s: s.strip())
+
+
+@st.composite
+def vlm_rows(draw):
+    turns = draw(st.integers(1, 3))
+    images_per_turn = [draw(st.integers(0, 2)) for _ in range(turns)]
+    if sum(images_per_turn) == 0:
+        images_per_turn[0] = 1
+    msgs, n = [], 0
+    for t in range(turns):
+        parts = [{"type": "image"}] * images_per_turn[t] + [{"type": "text", "text": draw(_words)}]
+        msgs.append({"role": "user", "content": draw(st.permutations(parts))})
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": draw(_words)}]})
+        n += images_per_turn[t]
+    return {"images": [_image(k, (32 + 8 * k, 24 + 8 * k)) for k in range(n)], "messages": msgs}
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(row=vlm_rows())
+def test_only_assistant_text_is_trained_never_an_image_token(family, row):
+    _, fmt, tok, _, vp = family
+    ex, _ = tokenize_vision_rows(vp, [row], chat_format=fmt)
+    ids, labels = ex[0]["input_ids"], ex[0]["labels"]
+    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert not set(trained) & vp.image_token_ids()
+    r = get_format(fmt).render(row["messages"])
+    assert tok.decode(trained) == "".join(r.trainable_text())  # exactly the format's trainable spans
+    answers = [m["content"][0]["text"] for m in row["messages"] if m["role"] == "assistant"]
+    text = tok.decode(trained)
+    pos = 0
+    for a in answers:  # every assistant text, in order
+        pos = text.index(a, pos) + len(a)
+    image_slots = sum(1 for t in ids if t == vp.token_ids[vp.family.image_token])
+    assert image_slots == sum(e.count(vp.family.image_token) for e in vp.expansions(row["images"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batches: padding and packing do not change any example's log-probs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _per_example(model, vp, tok, examples):
+    out = []
+    for e in examples:
+        b = vp.collate([e], tok.pad_token_id)
+        labels = b.pop("labels")
+        out.append(model_token_logps(model, labels=labels, **b)["logps"].sum())
+    return torch.stack(out)
+
+
+def test_batch_loss_equals_the_sum_of_per_example_losses(family):
+    _, fmt, tok, model, vp = family
+    rows = [_row("What?" * (k + 1), "ans" * (k + 1), n_images=1 + k % 2, seed=10 * k) for k in range(4)]
+    rows.append({"messages": [{"role": "user", "content": [{"type": "text", "text": "no image here"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]})  # fmt: skip
+    ex, _ = tokenize_vision_rows(vp, rows, chat_format=fmt)
+    model.eval()
+    with torch.no_grad():
+        single = _per_example(model, vp, tok, ex)
+        b = vp.collate(ex, tok.pad_token_id)
+        labels = b.pop("labels")
+        padded = model_token_logps(model, labels=labels, **b)["logps"].sum(1)
+        torch.testing.assert_close(padded, single, rtol=1e-5, atol=1e-4)
+        if vp.family.packing:
+            p = vp.pack(ex, capacity=10_000, pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
+            labels = p.pop("labels")
+            packed = model_token_logps(model, labels=labels, **p)["logps"].sum()
+            torch.testing.assert_close(packed, single.sum(), rtol=1e-5, atol=1e-3)
+        else:
+            with pytest.raises(ValueError, match="packing is not supported for qwen2_vl"):
+                vp.pack(ex, capacity=10_000, pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The SFT loop: freeze_vision, packing refusal, checkpoints that reload as VLMs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _sft_cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0,
+                progress=False, packing=False, save_every=None)  # fmt: skip
+    return SFTConfig(**{**base, **kw})
+
+
+def test_sft_freeze_vision_trains_the_language_side_only(tmp_path, family):
+    fam, fmt, tok, _, _ = family
+    model = vision.tiny_vlm(fam, tok, seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [_row("q?", "yes", seed=k) for k in range(4)]
+    train_sft(_sft_cfg(tmp_path, chat_format=fmt, freeze_vision=True), model=model, tokenizer=tok, train_data=rows)
+    lm = {id(p) for p in vision.decoder_of(model).parameters()} | {id(model.lm_head.weight)}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    names_lm = {n for n, p in model.named_parameters() if id(p) in lm}
+    assert changed and changed <= names_lm  # something trained, and only the language side
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n not in names_lm)
+
+
+def test_sft_checkpoint_reloads_as_a_vision_language_model(tmp_path, family):
+    fam, fmt, tok, _, _ = family
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    model = vision.tiny_vlm(fam, tok, seed=2)
+    rows = [_row("q?", "yes", seed=k) for k in range(4)]
+    out = train_sft(_sft_cfg(tmp_path, chat_format=fmt), model=model, tokenizer=tok, train_data=rows)
+    final = tmp_path / "run" / "final_model"
+    assert out["steps"] == 2 and final.exists()
+    again = AutoModelForImageTextToText.from_pretrained(final)
+    assert type(again) is type(model)
+    for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), n
+    ip = AutoImageProcessor.from_pretrained(final)
+    vp = vision.VisionProcessor.for_model(again, tok, ip)
+    assert vp.expansions([_image(0)]) == vision.VisionProcessor.for_model(model, tok).expansions([_image(0)])
+    if fam != "qwen2_vl":  # Qwen2-VL's full processor needs torchvision, absent here (its parts are saved)
+        from transformers import AutoProcessor
+
+        assert AutoProcessor.from_pretrained(final).tokenizer.get_vocab() == tok.get_vocab()
+
+
+def test_sft_refuses_packing_for_qwen2_vl_with_the_reason(tmp_path):
+    from alignkit.config import ConfigError
+
+    tok = vision.vision_byte_tokenizer("qwen2_vl")
+    with pytest.raises(ConfigError, match="packing=True: Qwen2-VL computes its 3-D M-RoPE positions"):
+        train_sft(_sft_cfg(tmp_path, chat_format="qwen2.5-vl", packing=True), model=vision.tiny_vlm("qwen2_vl", tok),
+                  tokenizer=tok, train_data=[_row("q", "a")])  # fmt: skip
+
+
+def test_freeze_vision_on_a_text_model_is_refused(tmp_path):
+    from alignkit.config import ConfigError
+    from alignkit.data.byte_tokenizer import byte_tokenizer
+    from alignkit.models import build_tiny_model, tiny_llama_config
+
+    tok = byte_tokenizer()
+    model = build_tiny_model(tiny_llama_config(len(tok), hidden=32, heads=2, kv_heads=2))
+    with pytest.raises(ConfigError, match="freeze_vision=True: the model has no vision encoder"):
+        rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+        train_sft(_sft_cfg(tmp_path, chat_format="chatml", freeze_vision=True), model=model, tokenizer=tok,
+                  train_data=rows)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Learning: the images carry the answer, and SFT uses them
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _held_out_accuracy(model, tok, held, with_image: bool) -> float:
+    """Exact match by likelihood: the colour whose answer tokens the model scores highest."""
+    vp = vision.VisionProcessor.for_model(model, tok)
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for path, colour in held:
+            rows = [vlm_tasks.conversation(path, c, with_image) for c in vlm_tasks.COLOURS]
+            ex, _ = tokenize_vision_rows(vp, rows, chat_format="llava-1.5")
+            b = vp.collate(ex, tok.pad_token_id)
+            labels = b.pop("labels")
+            scores = model_token_logps(model, labels=labels, **b)["logps"].sum(1)
+            hits += vlm_tasks.COLOURS[int(scores.argmax())] == colour
+    return hits / len(held)
+
+
+@pytest.mark.skipif(not vlm_tasks.HAVE_FLAGS, reason=vlm_tasks.SKIP_REASON)
+def test_sft_of_a_tiny_llava_uses_the_image(tmp_path):
+    """Flags -> majority colour: the VLM's held-out exact match ends far above a text-only control trained on the
+    same rows without their images (which can only learn the answers' prior)."""
+    train, held = vlm_tasks.split(vlm_tasks.flag_colours())
+    acc = {}
+    for with_image in (True, False):
+        tok = vision.vision_byte_tokenizer("llava")
+        model = vision.tiny_vlm("llava", tok, seed=0)
+        rows = [vlm_tasks.conversation(p, c, with_image) for p, c in train]
+        cfg = _sft_cfg(tmp_path / str(with_image), chat_format="llava-1.5", max_steps=150, epochs=100, batch_size=16,
+                       lr=3e-3, warmup_ratio=0.05, log_every=50)  # fmt: skip
+        train_sft(cfg, model=model, tokenizer=tok, train_data=rows)
+        acc[with_image] = _held_out_accuracy(model, tok, held, with_image)
+    prior = max(sum(c == k for _, c in held) for k in vlm_tasks.COLOURS) / len(held)
+    assert acc[False] <= prior + 0.05, acc  # the control cannot see the colour
+    assert acc[True] >= 0.6 and acc[True] >= acc[False] + 0.3, (acc, prior)
