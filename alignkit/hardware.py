@@ -55,11 +55,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors of a collated batch on ``device`` (pinned and copied without blocking to a GPU); other values as
-    they are. Ids and labels stay integer tensors."""
+    they are (a nested dict, e.g. a vision-language batch's ``vision_inputs``, moved likewise). Ids and labels
+    stay integer tensors."""
     out: dict[str, Any] = {}
     gpu = device.type == "cuda"
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.device != device:
+        if isinstance(v, Mapping):
+            v = to_device(v, device)
+        elif isinstance(v, torch.Tensor) and v.device != device:
             v = v.pin_memory().to(device, non_blocking=True) if gpu and v.device.type == "cpu" else v.to(device)
         out[k] = v
     return out

@@ -111,15 +111,18 @@ def _config_fingerprint(model: torch.nn.Module) -> str:
     return type(model).__name__ + json.dumps(d, sort_keys=True, default=str)
 
 
-def hash_sequences(sequences: Iterable[tuple[Sequence[int], Sequence[int]]]) -> str:
-    """Hex digest of an ordered list of (input_ids, labels) sequences."""
+def hash_sequences(sequences: Iterable[tuple[Any, ...]]) -> str:
+    """Hex digest of an ordered list of (input_ids, labels) sequences; a third element (a vision-language row's
+    :func:`alignkit.data.images.image_digest`) is hashed too, so other images under the same text miss the cache."""
     h = hashlib.blake2b(digest_size=20)
-    for ids, labels in sequences:
+    for ids, labels, *images in sequences:
         a = np.asarray(ids, dtype=np.int64)
         b = np.asarray(labels, dtype=np.int64)
         h.update(np.int64(a.size).tobytes())
         h.update(a.tobytes())
         h.update(b.tobytes())
+        for digest in images:
+            h.update(str(digest).encode())
     return h.hexdigest()
 
 

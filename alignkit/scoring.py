@@ -158,6 +158,7 @@ def shared_prefix_token_logps(
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int | None = None,
     keep_logits_mb: float = 0.0,
+    prompt_inputs: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Log-probs of ``G`` completions of ONE prompt, running the prompt through the backbone once.
 
@@ -173,6 +174,8 @@ def shared_prefix_token_logps(
         completion_ids: ``[G,L]`` completions, right-padded (pad slots may hold any id).
         completion_mask: ``[G,L]`` bool, True on real completion tokens (a prefix of each row).
         temperature, extras, token_chunk, vocab_chunk, keep_logits_mb: as in :func:`chunked_token_logps`.
+        prompt_inputs: more inputs of the prompt's forward (a vision-language prompt's image inputs: its images
+            then run through the vision encoder once for all ``G`` completions).
 
     Returns:
         ``{"logps": [G,L], **extras [G,L], "mask": completion_mask}`` completion-aligned: slot t holds
@@ -191,7 +194,8 @@ def shared_prefix_token_logps(
     mask = completion_mask.to(dev, torch.bool)
     cache = DynamicCache(config=model.config)
     kw = cache_kwarg(decoder_of(model))
-    out = decoder(input_ids=prompt_ids.to(dev)[None], use_cache=True, **{kw: cache})
+    extra = to_device(dict(prompt_inputs or {}), dev)
+    out = decoder(input_ids=prompt_ids.to(dev)[None], use_cache=True, **{kw: cache}, **extra)
     if cache.get_seq_length() != P:
         raise RuntimeError(
             f"{type(decoder).__name__} did not fill the KV cache for the prompt (gradient checkpointing turns "
@@ -258,6 +262,7 @@ def batch_sequence_logps(
         temperature=temperature,
         token_chunk=token_chunk,
         extras=("log_sum_sq_probs",) if wpo else (),
+        **(batch.get("vision_inputs") or {}),
     )
     n = int(batch["n_sequences"])
     dev = out["logps"].device
@@ -331,6 +336,8 @@ def completion_logps(
     extras: tuple[str, ...] = (),
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     keep_logits_mb: float = 0.0,
+    images: Sequence[Sequence[Any] | None] | None = None,
+    vision: Any = None,
 ) -> dict[str, Tensor]:
     """Log-probs (and ``extras``) of ``n`` completions at ``temperature``, completion-aligned.
 
@@ -339,7 +346,17 @@ def completion_logps(
     activation checkpointing (which leaves the KV cache empty), rows are padded prompt + completion sequences
     (:func:`model_token_logps`). Returns ``{"logps": [n, L], ..., "mask": [n, L]}`` with ``L`` the longest
     completion; slot t is completion token t.
+
+    ``images`` (each row's prompt images) and ``vision`` (an :class:`alignkit.vision.VisionProcessor`): a
+    vision-language model's rows; a shared prompt's images then run through the vision encoder once. Families
+    that lay out their own positions (Qwen2-VL) score padded rows.
     """
+    from alignkit.data.images import decode_image
+
+    def image_inputs(rows: Sequence[Sequence[Any] | None], input_ids: Tensor) -> dict[str, Tensor]:
+        decoded = [decode_image(v, None, "images") for r in rows for v in (r or [])]
+        return vision.batch_inputs(decoded, input_ids)
+
     cm = completion_mask([len(c) for c in completion_ids])
     dev = next(model.parameters()).device
     # keep_logits_mb only acts where a backward follows (chunked_token_logps checks grad mode itself)
@@ -347,8 +364,15 @@ def completion_logps(
     # FSDP2 over several ranks: every forward gathers shards with the others, so each rank must run as many; runs of
     # equal prompts depend on the data, the padded rows are one forward
     in_step = distributed.is_fsdp(model) and distributed.world_size() > 1
-    if not shared_prefix or is_checkpointing(model) or in_step:
-        b = {k: v.to(dev) for k, v in _prompt_completion_rows(prompt_ids, completion_ids, pad_id).items()}
+    with_images = images is not None and any(images)
+    own_positions = with_images and vision.family.own_positions
+    if not shared_prefix or is_checkpointing(model) or in_step or own_positions:
+        b = _prompt_completion_rows(prompt_ids, completion_ids, pad_id)
+        if with_images:
+            b.update(image_inputs(images, b["input_ids"]))
+            if own_positions:
+                b.pop("position_ids")
+        b = to_device(b, dev)
         res = model_token_logps(model, labels=b.pop("labels"), **b, **kw)
         cm = cm.to(dev)
         out = {k: torch.zeros(cm.shape, dtype=v.dtype, device=dev).masked_scatter(cm, v[res["mask"]])
@@ -358,11 +382,13 @@ def completion_logps(
     i, n, L = 0, len(prompt_ids), cm.shape[1]
     while i < n:
         j = i + 1
-        while j < n and prompt_ids[j] == prompt_ids[i]:
+        while j < n and prompt_ids[j] == prompt_ids[i] and (images is None or images[j] == images[i]):
             j += 1
         width = max(len(c) for c in completion_ids[i:j])
         comp = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completion_ids[i:j]])
-        res = shared_prefix_token_logps(model, torch.tensor(prompt_ids[i]), comp, cm[i:j, :width], **kw)
+        prompt = torch.tensor(prompt_ids[i])
+        pin = image_inputs([images[i]], prompt[None]) if with_images and images[i] else None
+        res = shared_prefix_token_logps(model, prompt, comp, cm[i:j, :width], prompt_inputs=pin, **kw)
         parts.append({k: torch.nn.functional.pad(v, (0, L - width)) for k, v in res.items()})
         i = j
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -373,17 +399,20 @@ def frozen_completion_logps(
     model: torch.nn.Module,
     prompt_ids: Sequence[list[int]],
     completion_ids: Sequence[list[int]],
+    images: Sequence[Sequence[Any] | None] | None = None,
     *,
     micro_batch_size: int,
     **kw: Any,
 ) -> Tensor:
     """No-grad, eval-mode :func:`completion_logps` in micro-batches: ``[N, L_max]`` fp32 on the CPU (the RL
-    loop's old-policy and reference log-probs of a round). ``kw`` go to :func:`completion_logps`."""
+    loop's old-policy and reference log-probs of a round). ``images``: each row's prompt images (a
+    vision-language round; ``kw`` then holds ``vision``). ``kw`` go to :func:`completion_logps`."""
     with eval_mode(model):
         cm = completion_mask([len(c) for c in completion_ids])
         out = torch.zeros(cm.shape)
         for i in range(0, len(completion_ids), micro_batch_size):
             sl = slice(i, i + micro_batch_size)
-            lp = completion_logps(model, prompt_ids[sl], completion_ids[sl], **kw)["logps"]
+            rows_images = None if images is None else images[sl]
+            lp = completion_logps(model, prompt_ids[sl], completion_ids[sl], images=rows_images, **kw)["logps"]
             out[sl, : lp.shape[1]] = lp.float().cpu()
     return out

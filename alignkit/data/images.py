@@ -16,7 +16,7 @@ from typing import Any
 
 from alignkit.data.rows import IMAGE_COLUMNS, RowError, Sample, Verbatim, is_array
 
-__all__ = ["absolute_image_paths", "decode_image", "sample_images"]
+__all__ = ["absolute_image_paths", "decode_image", "image_digest", "sample_images"]
 
 
 def decode_image(value: Any, index: int | None, field: str) -> Any:  # noqa: ANN401 - a PIL.Image.Image
@@ -84,3 +84,30 @@ def absolute_image_paths(ds: Any, folder: Path) -> Any:  # noqa: ANN401 - a data
     if not any(isinstance(v, str) or (isinstance(v, list) and any(isinstance(x, str) for x in v)) for v in first):
         return ds  # no image column, or decoded images (a datasets Image feature) / bytes: nothing to resolve
     return ds.map(_AbsolutePaths(str(folder.resolve()), cols), desc="image paths")
+
+
+def image_digest(images: list[Any]) -> str:
+    """A digest of a row's images as given (a file by path, size and modification time; bytes, arrays and PIL
+    images by content), so a cached reference is not reused for the same text with other images."""
+    import hashlib
+
+    from PIL import Image
+
+    h = hashlib.blake2b(digest_size=16)
+    for v in images:
+        if isinstance(v, Mapping):
+            v = v.get("bytes") or v.get("path")
+        if isinstance(v, (str, Path)):
+            p = Path(v).expanduser()
+            st = p.stat() if p.is_file() else None
+            h.update(f"path:{p.resolve()}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
+        elif isinstance(v, (bytes, bytearray)):
+            h.update(b"bytes:" + bytes(v))
+        elif isinstance(v, Image.Image):
+            h.update(f"pil:{v.mode}:{v.size}".encode() + v.tobytes())
+        elif is_array(v):
+            h.update(f"array:{v.shape}:{v.dtype}".encode() + bytes(memoryview(v.__array__()).cast("B")))
+        else:
+            h.update(repr(type(v)).encode())
+        h.update(b"|")
+    return h.hexdigest()

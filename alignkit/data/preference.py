@@ -28,8 +28,23 @@ from typing import Any
 import torch
 
 from alignkit.data.collate import pack_best_fit_decreasing, pack_rows, pad_collate
-from alignkit.data.rows import RowError, Verbatim, check_messages, check_turns, prompt_completion_sample
-from alignkit.data.tokenize import IGNORE_INDEX, encode_samples, resolve_format, tokenizer_switches
+from alignkit.data.images import image_digest
+from alignkit.data.rows import (
+    RowError,
+    Verbatim,
+    check_messages,
+    check_turns,
+    count_image_parts,
+    prompt_completion_sample,
+    row_images,
+)
+from alignkit.data.tokenize import (
+    IGNORE_INDEX,
+    encode_samples,
+    encode_vision_samples,
+    resolve_format,
+    tokenizer_switches,
+)
 from alignkit.ops import split_pairs
 
 __all__ = [
@@ -165,13 +180,14 @@ def unpair_rows(rows: Sequence[Mapping[str, Any]], start_index: int = 0) -> list
     out = []
     for k, row in enumerate(rows):
         i = start_index + k
+        images = row_images(row)  # a vision-language row's (column, images): its prompt's, in each example
         if _is_unpaired(row):
             p, c, label = _unpaired_row(row, i)
-            out.append({"prompt": p, "completion": c, "label": label, "index": i})
+            out.append({"prompt": p, "completion": c, "label": label, "index": i, "images": images})
         else:
             p, c, r = normalize_preference_row(row, i)
-            out.append({"prompt": p, "completion": c, "label": True, "index": i})
-            out.append({"prompt": p, "completion": r, "label": False, "index": i})
+            out.append({"prompt": p, "completion": c, "label": True, "index": i, "images": images})
+            out.append({"prompt": p, "completion": r, "label": False, "index": i, "images": images})
     return out
 
 
@@ -197,30 +213,40 @@ class PreferenceReport:
 
 
 class _Encoder:
-    """Tokenizes (prompt, completion) pairs in batched tokenizer calls with one fixed format and settings."""
+    """Tokenizes (prompt, completion) pairs in batched tokenizer calls with one fixed format and settings; with
+    ``vision`` (an :class:`alignkit.vision.VisionProcessor`), vision-language rows, their images expanded."""
 
-    def __init__(self, tokenizer: Any, chat_format: Any, max_length: int | None, truncation: str, switches: Any):
+    def __init__(
+        self, tokenizer: Any, chat_format: Any, max_length: int | None, truncation: str, switches: Any,
+        vision: Any = None,
+    ) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.fmt = resolve_format(tokenizer, chat_format)
         self.sw = tokenizer_switches(tokenizer, self.fmt, switches)
         self.max_length, self.truncation = max_length, truncation
+        self.vision = vision
 
     def __call__(
-        self, items: Sequence[tuple[Content, Content, int]], field: str = "completion"
-    ) -> list[tuple[list[int], list[int], bool]]:
+        self, items: Sequence[tuple[Content, Content, int]], field: str = "completion",
+        images: Sequence[tuple[str | None, list[Any]]] | None = None,
+    ) -> list[tuple[list[int], list[int], bool]]:  # fmt: skip
         """(prompt, completion, row index) items -> (input_ids, labels, truncated); ``field`` is the row's name
-        for the completion (``chosen``, ``rejected``), for errors."""
+        for the completion (``chosen``, ``rejected``), for errors; ``images``: each row's (column, images)."""
         samples = [prompt_completion_sample(p, c, i, fields=("prompt", field)) for p, c, i in items]
-        encs = encode_samples(
-            self.tokenizer,
-            samples,
-            chat_format=self.fmt,
-            switches=self.sw,
-            train_on="completion",
-            max_length=self.max_length,
-            truncation=self.truncation,
-            indices=[i for _, _, i in items],
-        )
+        for k, s in enumerate(samples):
+            col, values = images[k] if images is not None else (None, [])
+            parts = count_image_parts(s.messages or [])
+            if parts != len(values):
+                want = f"{parts} image(s), one per image part of the messages"
+                raise RowError(items[k][2], col or "images", want, Verbatim(f"{len(values)} image(s)"))
+            if values:
+                s.images, s.image_field = list(values), col
+        kw = dict(chat_format=self.fmt, switches=self.sw, train_on="completion", max_length=self.max_length,
+                  truncation=self.truncation, indices=[i for _, _, i in items])  # fmt: skip
+        if self.vision is not None:
+            encs: Sequence[Any] = encode_vision_samples(self.vision, samples, **kw)
+        else:
+            encs = encode_samples(self.tokenizer, samples, **kw)
         out = []
         for e in encs:
             labels = list(e.labels)
@@ -244,23 +270,27 @@ def tokenize_pairs(
     switches: Mapping[str, Any] | None = None,
     batch_size: int = 256,
     start_index: int = 0,
+    vision: Any = None,
 ) -> tuple[list[dict[str, Any]], PreferenceReport]:
     """Tokenize paired rows: each of prompt+chosen and prompt+rejected rendered once, tokenized once.
+    With ``vision`` (an :class:`alignkit.vision.VisionProcessor`), rows with images (TRL's ``images`` column, the
+    image parts in the prompt); each example then also holds its ``images`` and their ``image_digest``.
 
     `max_length` applies to each sequence (prompt + completion); `truncation` "right" cuts the end, "left" the
     start, "error" raises. A pair whose chosen or rejected completion is left with no token is dropped and
     reported. Returns (examples, report); each example is `{"id", "index", "chosen_input_ids", "chosen_labels",
     "rejected_input_ids", "rejected_labels"}` with labels -100 outside the completion.
     """
-    enc = _Encoder(tokenizer, chat_format, max_length, truncation, switches)
+    enc = _Encoder(tokenizer, chat_format, max_length, truncation, switches, vision)
     report = PreferenceReport(truncated={"chosen": 0, "rejected": 0})
     out: list[dict[str, Any]] = []
     for b in range(0, len(rows), batch_size):
         idx = range(start_index + b, start_index + b + len(rows[b : b + batch_size]))
         triples = [normalize_preference_row(r, i) for r, i in zip(rows[b : b + batch_size], idx)]
-        chosen = enc([(p, c, i) for (p, c, _), i in zip(triples, idx)], "chosen")
-        rejected = enc([(p, r, i) for (p, _, r), i in zip(triples, idx)], "rejected")
-        for i, (ci, cl, ct), (ri, rl, rt) in zip(idx, chosen, rejected):
+        images = [row_images(r) for r in rows[b : b + batch_size]]
+        chosen = enc([(p, c, i) for (p, c, _), i in zip(triples, idx)], "chosen", images)
+        rejected = enc([(p, r, i) for (p, _, r), i in zip(triples, idx)], "rejected", images)
+        for i, (ci, cl, ct), (ri, rl, rt), (_, imgs) in zip(idx, chosen, rejected, images):
             report.rows += 1
             report.truncated["chosen"] += ct
             report.truncated["rejected"] += rt
@@ -275,6 +305,7 @@ def tokenize_pairs(
                     "chosen_labels": cl,
                     "rejected_input_ids": ri,
                     "rejected_labels": rl,
+                    **({"images": imgs, "image_digest": image_digest(imgs)} if imgs else {}),
                 }
             )
     report.examples = len(out)
@@ -310,8 +341,10 @@ def tokenize_unpaired(
     switches: Mapping[str, Any] | None = None,
     kl_completions: bool = True,
     batch_size: int = 256,
+    vision: Any = None,
 ) -> tuple[list[dict[str, Any]], PreferenceReport]:
     """Tokenize unpaired rows (paired rows are unpaired first: chosen -> desirable, rejected -> undesirable).
+    With ``vision``, rows with images (a KL sequence keeps its own prompt's images), as :func:`tokenize_pairs`.
 
     With `kl_completions`, each example also gets `kl_input_ids/kl_labels`: its own prompt followed by the
     completion of a partner example with a different prompt (see `_kl_partners`), rendered and tokenized like
@@ -328,14 +361,15 @@ def tokenize_unpaired(
             if _kind(u["prompt"]) != first:
                 raise RowError(u["index"], "prompt", f"the same kind as the first row's ({first}) in one dataset")
     partners = _kl_partners([u["prompt"] for u in flat]) if kl_completions else []
-    enc = _Encoder(tokenizer, chat_format, max_length, truncation, switches)
+    enc = _Encoder(tokenizer, chat_format, max_length, truncation, switches, vision)
     report = PreferenceReport(rows=len(rows), truncated={"completion": 0} | ({"kl": 0} if kl_completions else {}))
     out: list[dict[str, Any]] = []
     for b in range(0, len(flat), batch_size):
         chunk = list(range(b, min(b + batch_size, len(flat))))
-        main = enc([(flat[k]["prompt"], flat[k]["completion"], flat[k]["index"]) for k in chunk])
+        images = [flat[k]["images"] for k in chunk]
+        main = enc([(flat[k]["prompt"], flat[k]["completion"], flat[k]["index"]) for k in chunk], images=images)
         kl = (
-            enc([(flat[k]["prompt"], flat[partners[k]]["completion"], flat[k]["index"]) for k in chunk])
+            enc([(flat[k]["prompt"], flat[partners[k]]["completion"], flat[k]["index"]) for k in chunk], images=images)
             if kl_completions
             else [None] * len(chunk)
         )
@@ -346,6 +380,9 @@ def tokenize_unpaired(
                 continue
             ex = {"id": len(out), "index": flat[k]["index"], "input_ids": ids, "labels": labels}
             ex["desirable"] = flat[k]["label"]
+            if flat[k]["images"][1]:
+                ex["images"] = flat[k]["images"][1]
+                ex["image_digest"] = image_digest(ex["images"])
             if kl_enc is not None:
                 ex["kl_input_ids"], ex["kl_labels"] = kl_enc[0], kl_enc[1]
                 report.truncated["kl"] += kl_enc[2]
@@ -357,19 +394,26 @@ def tokenize_unpaired(
     return out, report
 
 
-def pair_sequences(pairs: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    """Every (input_ids, labels) sequence of `tokenize_pairs` output in reference-table order (2k, 2k+1)."""
+def _digest(example: Mapping[str, Any]) -> tuple[str, ...]:
+    return (example["image_digest"],) if "image_digest" in example else ()
+
+
+def pair_sequences(pairs: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """Every (input_ids, labels) sequence of `tokenize_pairs` output in reference-table order (2k, 2k+1); a
+    vision-language pair's sequences also carry its image digest (hashed into a cached reference's key)."""
     out = []
     for p in pairs:
-        out += [(p["chosen_input_ids"], p["chosen_labels"]), (p["rejected_input_ids"], p["rejected_labels"])]
+        d = _digest(p)
+        out += [(p["chosen_input_ids"], p["chosen_labels"], *d), (p["rejected_input_ids"], p["rejected_labels"], *d)]
     return out
 
 
-def unpaired_sequences(examples: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    """Every sequence of `tokenize_unpaired` output in reference-table order: completions, then KL sequences."""
-    out = [(e["input_ids"], e["labels"]) for e in examples]
+def unpaired_sequences(examples: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """Every sequence of `tokenize_unpaired` output in reference-table order: completions, then KL sequences (a
+    vision-language example's with its image digest)."""
+    out: list[tuple[Any, ...]] = [(e["input_ids"], e["labels"], *_digest(e)) for e in examples]
     if examples and "kl_input_ids" in examples[0]:
-        out += [(e["kl_input_ids"], e["kl_labels"]) for e in examples]
+        out += [(e["kl_input_ids"], e["kl_labels"], *_digest(e)) for e in examples]
     return out
 
 
@@ -399,8 +443,13 @@ def collate_sequences(
     packing: bool = False,
     capacity: int | None = None,
     global_ids: Sequence[int] | None = None,
+    images: Sequence[Sequence[Any]] | None = None,
+    vision: Any = None,
 ) -> dict[str, Any]:
     """Batch n (input_ids, labels) sequences for one forward, padded or packed into bounded rows.
+
+    With ``vision`` (an :class:`alignkit.vision.VisionProcessor`) and ``images`` (each sequence's images),
+    ``vision_inputs`` holds the model's image inputs, the images in the order their sequences sit in the batch.
 
     Padded: `input_ids`, `labels`, `attention_mask`, `position_ids` are `[n, T]` (row k = sequence k).
     Packed (`packing=True`): `pack_rows` rows `[R, L]` of at most `capacity` tokens, documents kept apart by
@@ -430,10 +479,23 @@ def collate_sequences(
         seq_ids = lut.gather(1, doc)
         batch = {k: b[k] for k in ("input_ids", "labels", "position_ids")}
         batch["attention_mask"] = None
+        order = [i for members in bins for i in members]
     else:
         b = pad_collate(examples, pad_token_id=pad_token_id)
         batch = {k: b[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")}
         seq_ids = torch.where(b["attention_mask"].bool(), torch.arange(n)[:, None], -1)
+        order = list(range(n))
+    if vision is not None:
+        if packing and not vision.family.packing:
+            raise ValueError(
+                f"packing is not supported for {vision.family.name} models: {vision.family.packing_refusal}"
+            )
+        from alignkit.data.images import decode_image
+
+        if vision.family.own_positions:
+            batch["position_ids"] = None  # the model lays out its positions from the image grid
+        decoded = [decode_image(v, None, "images") for i in order for v in (images[i] if images else [])]
+        batch["vision_inputs"] = vision.batch_inputs(decoded, batch["input_ids"])
     batch["sequence_ids"] = seq_ids
     batch["token_rank"] = _token_rank(batch["labels"], seq_ids, n)
     batch["lengths"] = torch.tensor([_n_labelled(e["labels"]) for e in examples])
@@ -444,15 +506,18 @@ def collate_sequences(
 
 
 def collate_pairs(
-    pairs: Sequence[Mapping[str, Any]], *, pad_token_id: int, packing: bool = False, capacity: int | None = None
-) -> dict[str, Any]:
+    pairs: Sequence[Mapping[str, Any]], *, pad_token_id: int, packing: bool = False, capacity: int | None = None,
+    vision: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     """P tokenized pairs -> one batch of 2P sequences, chosen 0..P-1 then rejected 0..P-1 (so per-sequence
     results split with `split_pairs`). Adds `pair_min_lengths` `[2P]` (min(n_c, n_r) of each row's pair, for
-    LD-DPO). See `collate_sequences` for the rest."""
+    LD-DPO). With ``vision``, a pair's images serve both its sequences. See `collate_sequences` for the rest."""
     seqs = [(p["chosen_input_ids"], p["chosen_labels"]) for p in pairs]
     seqs += [(p["rejected_input_ids"], p["rejected_labels"]) for p in pairs]
     ids = [2 * p["id"] for p in pairs] + [2 * p["id"] + 1 for p in pairs]
-    batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids)
+    images = [p.get("images") or [] for p in pairs] * 2
+    batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids,
+                              images=images, vision=vision)  # fmt: skip
     n_c, n_r = split_pairs(batch["lengths"])
     batch["pair_min_lengths"] = torch.minimum(n_c, n_r).repeat(2)
     return batch
@@ -465,12 +530,15 @@ def collate_unpaired(
     kl: bool = False,
     packing: bool = False,
     capacity: int | None = None,
+    vision: Any = None,
 ) -> dict[str, Any]:
     """N unpaired examples -> a batch of their completions (or, with `kl`, their mismatched KL sequences), plus
-    `desirable` `bool[N]`. See `collate_sequences` for the rest."""
+    `desirable` `bool[N]`. With ``vision``, each sequence with its example's images. See `collate_sequences`."""
     pre = "kl_" if kl else ""
     seqs = [(e[pre + "input_ids"], e[pre + "labels"]) for e in examples]
     ids = [e["kl_id"] if kl else e["id"] for e in examples]
-    batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids)
+    images = [e.get("images") or [] for e in examples]
+    batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids,
+                              images=images, vision=vision)  # fmt: skip
     batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples])
     return batch

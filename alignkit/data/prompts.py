@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.rows import RowError, Verbatim, check_messages
-from alignkit.data.tokenize import resolve_format, tokenizer_switches
+from alignkit.data.rows import RowError, Verbatim, check_messages, count_image_parts, row_images
+from alignkit.data.tokenize import expand_images, resolve_format, tokenizer_switches
 from alignkit.templates import TemplateError
 
 __all__ = ["Prompt", "Prompts", "load_prompts", "round_prompts"]
@@ -21,6 +21,7 @@ class Prompt:
     prompt: Any  # as given in the row (str or messages): what reward functions receive
     ids: list[int]
     columns: dict[str, Any]  # the row's other fields (e.g. `answer`), passed to reward functions
+    images: list[Any] | None = None  # a vision-language prompt's images (as the row gave them), one per image part
 
 
 class Prompts(list):
@@ -83,28 +84,49 @@ def load_prompts(
     max_prompt_length: int | None = None,
     name: str | None = None,
     verbose: bool = True,
+    vision: Any = None,
 ) -> Prompts:
     """Rows -> token ids. Message prompts go through the chat format (``chat_format``, or detected from the
     tokenizer) with the generation prompt appended; plain string prompts are used as they are. A `messages`
     row loses its trailing assistant turns. Bad rows raise `RowError` naming the row and the field.
 
+    With ``vision`` (an :class:`alignkit.vision.VisionProcessor`), rows with images (TRL's ``images`` column): each
+    image placeholder expands into the model's image tokens and the prompt keeps its ``images``.
+
     Prompts over ``max_prompt_length`` tokens keep their last ones; they are counted in the returned
-    `Prompts`' ``truncated_rows`` and, with ``verbose``, reported in one printed line (``[alignkit NAME]``)."""
+    `Prompts`' ``truncated_rows`` and, with ``verbose``, reported in one printed line (``[alignkit NAME]``); a cut
+    through an image's tokens raises RowError."""
+    from alignkit.data.images import decode_image
+
     fmt = None
-    texts, prompts, columns, fields = [], [], [], []
+    texts, prompts, columns, fields, images = [], [], [], [], []
     for i, row in enumerate(rows):
         field, prompt, content = _prompt_of(row, i)
+        col, values = row_images(row)
+        parts = 0 if isinstance(content, str) else count_image_parts(content)
+        if parts != len(values):
+            want = f"{parts} image(s), one per image part of the messages"
+            raise RowError(i, col or "images", want, Verbatim(f"{len(values)} image(s)"))
+        if values and vision is None:
+            want = "no images: this is a text model (vision-language rows need a model with a vision encoder)"
+            raise RowError(i, col or "images", want, Verbatim(f"{len(values)} image(s)"))
         if isinstance(content, str):
             text = content
         else:
             fmt = fmt or resolve_format(tokenizer, chat_format)
             try:
-                text = fmt.render(content, add_generation_prompt=True, **tokenizer_switches(tokenizer, fmt)).text
+                r = fmt.render(content, add_generation_prompt=True, **tokenizer_switches(tokenizer, fmt))
             except TemplateError as e:
                 raise RowError(i, field, f"a conversation chat format {fmt.name!r} accepts ({e})") from e
+            text = r.text
+            if values:
+                names = [f"{col}[{k}]" if col == "images" else str(col) for k in range(len(values))]
+                decoded = [decode_image(v, i, f) for v, f in zip(values, names)]
+                text = expand_images(r, vision.expansions(decoded), [])[0]
         texts.append(text)
         prompts.append(prompt)
         fields.append(field)
+        images.append((col, list(values)) if values else None)
         columns.append({k: v for k, v in row.items() if k not in ("prompt", "messages", "completion")})
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     out, cut = [], []
@@ -112,9 +134,12 @@ def load_prompts(
         if not ids:
             raise RowError(i, fields[i], "a prompt that tokenizes to at least one token", p)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
+            if images[i] is not None and vision.family.image_count(ids[:-max_prompt_length], vision.token_ids):
+                want = f"at most max_prompt_length={max_prompt_length} tokens without cutting an image's tokens"
+                raise RowError(i, images[i][0], want, Verbatim(f"{len(ids)} tokens, an image among those cut"))
             ids = ids[-max_prompt_length:]
             cut.append(i)
-        out.append(Prompt(p, list(ids), cols))
+        out.append(Prompt(p, list(ids), cols, images[i][1] if images[i] is not None else None))
     result = Prompts(out, cut, max_prompt_length)
     if verbose and cut:
         print(f"[alignkit{'' if name is None else ' ' + name}] {result.report()}")

@@ -146,6 +146,13 @@ def encode_samples(
         raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+    with_images = next((k for k, s in enumerate(samples) if s.images), None)
+    if with_images is not None:
+        idx = indices[with_images] if indices is not None else with_images
+        raise RowError(idx, samples[with_images].image_field or "images",
+                       "no images: this is a text model's tokenizer (vision-language rows need a model with a vision "
+                       "encoder, tokenized by alignkit.data.tokenize.tokenize_vision_rows)",
+                       Verbatim(f"{len(samples[with_images].images or [])} image(s)"))  # fmt: skip
     texts, ranges = [], []
     for k, s in enumerate(samples):
         idx = indices[k] if indices is not None else None
@@ -206,7 +213,7 @@ def tokenize_conversation(
     return {**e.as_dict(), "truncated": e.truncated}
 
 
-def _expanded(
+def expand_images(
     r: Rendered, expansions: Sequence[str], ranges: list[tuple[int, int]]
 ) -> tuple[str, list[tuple[int, int]]]:
     """The render with image span k replaced by ``expansions[k]``, and the trainable ranges moved with it (an
@@ -273,7 +280,7 @@ def encode_vision_samples(
             want = f"every image rendered once by chat format {chat_format.name!r}"
             got = Verbatim(f"{len(images)} images, {len(r.image_spans())} rendered")
             raise RowError(idx, s.image_field or "images", want, got)
-        text, rng = _expanded(r, vision.expansions(images), _trainable_ranges(r, train_on, s.completion_start))
+        text, rng = expand_images(r, vision.expansions(images), _trainable_ranges(r, train_on, s.completion_start))
         texts.append(text)
         ranges.append(rng)
         image_lists.append(list(s.images or []))

@@ -181,15 +181,19 @@ def _chosen_tokens(pairs: Sequence[dict[str, Any]]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, pairs: Sequence[dict[str, Any]], cfg: DPOConfig, reference, pad_id: int) -> dict[str, float]:  # noqa: ANN001
+def evaluate(
+    model: torch.nn.Module, pairs: Sequence[dict[str, Any]], cfg: DPOConfig, reference: Any, pad_id: int,
+    vision: Any = None,
+) -> dict[str, float]:  # fmt: skip
     """Loss (pair mean) and reward metrics over `pairs`, keys prefixed `eval_`."""
     with eval_mode(model):
         n_pairs, n_tok = float(len(pairs)), float(max(_chosen_tokens(pairs), 1))
         acc = _step_metrics()
         for i in range(0, len(pairs), cfg.batch_size):
             batch = collate_pairs(
-                pairs[i : i + cfg.batch_size], pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length
-            )
+                pairs[i : i + cfg.batch_size], pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length,
+                vision=vision,
+            )  # fmt: skip
             with common.precision(cfg, model):
                 loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_tok)
             acc.add({"loss": loss, **metrics})
@@ -205,16 +209,19 @@ def train_dpo(
     train_data: Any = None,
     eval_data: Any = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    image_processor: Any = None,
 ) -> dict[str, Any]:
     """Run DPO (or SimPO/CPO/ORPO). Pass objects or let `cfg` name them. Returns a summary including the
     reference's info (`summary["reference"]`: kind, and for precomputed the cache key/path, `cache_hit` and the
-    number of reference `forward_passes` this run made)."""
+    number of reference `forward_passes` this run made). A vision-language model trains on pairs with images
+    (the reference precomputed and cached for them too)."""
     if cfg.loss not in PAIR_LOSSES:
         raise ValueError(f"loss={cfg.loss!r}; expected one of {list(PAIR_LOSSES)}")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    vision = common.vision_processor(model, tokenizer, cfg, image_processor)  # None for a text model
     pad_id = pad_token_id(tokenizer)
     lora = cfg.lora_r > 0 or is_peft(model)
     kind = resolve_reference_kind(cfg.reference, reference_free=cfg.loss in REFERENCE_FREE, lora=lora)
@@ -223,18 +230,18 @@ def train_dpo(
     # rows -> chosen/rejected tokens (pairs with an empty completion after truncation are dropped and reported)
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
     rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
-    train, report = tokenize_pairs(tokenizer, rows, **tok_kw)
+    train, report = tokenize_pairs(tokenizer, rows, vision=vision, **tok_kw)
     print(f"[alignkit dpo] train: {report}")
     evals: list[dict[str, Any]] = []
     if eval_data is not None or cfg.eval_dataset:
         eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
-        evals = tokenize_pairs(tokenizer, eval_rows[: cfg.eval_rows], **tok_kw)[0]
+        evals = tokenize_pairs(tokenizer, eval_rows[: cfg.eval_rows], vision=vision, **tok_kw)[0]
 
     # the reference, fixed before any update and before LoRA wraps the policy (a copy of the bare model is what
     # model / TR-DPO keep); a resume below loads trained weights only afterwards
     def batches(pairs: list[dict[str, Any]]) -> LazyBatches:
         collate = lambda chunk: [collate_pairs(chunk, pad_token_id=pad_id, packing=cfg.packing,  # noqa: E731
-                                               capacity=cfg.max_length)]  # fmt: skip
+                                               capacity=cfg.max_length, vision=vision)]  # fmt: skip
         return LazyBatches(pairs, cfg.batch_size, collate)
 
     # the whole data order, fixed by the seed (resuming means skipping to a step); a precomputed reference scores
@@ -266,7 +273,7 @@ def train_dpo(
         n_chosen_tok = float(max(sum(_chosen_tokens(mb) for mb in micro), 1))
         acc = _step_metrics()
         for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
-            batch = collate_pairs(mb, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length)
+            batch = collate_pairs(mb, pad_token_id=pad_id, packing=cfg.packing, capacity=cfg.max_length, vision=vision)
             with grad_sync:
                 with common.precision(cfg, model):
                     loss, metrics = _micro(model, batch, cfg, reference, n_pairs, n_chosen_tok)
@@ -282,10 +289,11 @@ def train_dpo(
         counts = {"num_pairs": int(n_pairs), "num_tokens": n_tokens}
         record = common.step_record(done, stats, lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-            record.update(evaluate(model, evals, cfg, eval_reference, pad_id))
+            record.update(evaluate(model, evals, cfg, eval_reference, pad_id, vision))
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
-        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+        common.end_step(run, record, model=model, tokenizer=vision or tokenizer, callbacks=callbacks,
+                        extra_state=saved_state)  # fmt: skip
     run.log.close()
     return {
         "steps": total_steps,

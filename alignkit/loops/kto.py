@@ -84,20 +84,24 @@ def _finish(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
-def _batch(examples: Sequence[dict[str, Any]], cfg: KTOConfig, pad_id: int, kl: bool = False) -> dict[str, Any]:
-    return collate_unpaired(examples, pad_token_id=pad_id, kl=kl, packing=cfg.packing, capacity=cfg.max_length)
+def _batch(
+    examples: Sequence[dict[str, Any]], cfg: KTOConfig, pad_id: int, kl: bool = False, vision: Any = None
+) -> dict[str, Any]:
+    return collate_unpaired(
+        examples, pad_token_id=pad_id, kl=kl, packing=cfg.packing, capacity=cfg.max_length, vision=vision
+    )
 
 
 @torch.no_grad()
 def kl_reference_point(model, micro: Sequence[Sequence[dict]], cfg: KTOConfig, reference, pad_id: int,  # noqa: ANN001
-                       over_ranks: bool = False) -> torch.Tensor:  # fmt: skip
+                       over_ranks: bool = False, vision: Any = None) -> torch.Tensor:  # fmt: skip
     """z0 = max(0, Σ(π′−ρ′) / count) over the mismatched sequences of all micro-batches of a step (no grad);
     mismatched sequences that truncation left empty are not counted. ``over_ranks`` (a training step, whose
     micro-batches the ranks share): each rank scores its share and the sums and counts are all-reduced (exact,
     where TRL averages the ranks' means); without it this rank scores them all (an evaluation)."""
     total, count = torch.zeros(()), torch.zeros(())
     for mb in distributed.shard(micro) if over_ranks else micro:
-        kb = _batch(mb, cfg, pad_id, kl=True)
+        kb = _batch(mb, cfg, pad_id, kl=True, vision=vision)
         pol = batch_sequence_logps(model, kb, temperature=cfg.temperature, token_chunk=cfg.token_chunk)
         keep = pol["n_tokens"] > 0
         s, c = kto_reference_point(pol["sum"][keep], reference.logps(model, kb)[keep])
@@ -129,17 +133,25 @@ def _micro(model, batch, cfg: KTOConfig, reference, z0, bco_state, normalizer: f
 
 
 @torch.no_grad()
-def evaluate(model, examples: Sequence[dict], cfg: KTOConfig, reference, bco_state, pad_id: int) -> dict[str, float]:  # noqa: ANN001
+def evaluate(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    cfg: KTOConfig,
+    reference: Any,
+    bco_state: Any,
+    pad_id: int,
+    vision: Any = None,
+) -> dict[str, float]:
     """Loss and side metrics over `examples` (z0 from all of them; BCO state used, not updated); `eval_` keys."""
     with eval_mode(model):
         chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
         with common.precision(cfg, model):
-            z0 = kl_reference_point(model, chunks, cfg, reference, pad_id) if cfg.loss == "kto" else None
+            z0 = kl_reference_point(model, chunks, cfg, reference, pad_id, vision=vision) if cfg.loss == "kto" else None
         acc = _step_metrics()
         for mb in chunks:
             with common.precision(cfg, model):
                 loss, metrics, _ = _micro(
-                    model, _batch(mb, cfg, pad_id), cfg, reference, z0, bco_state, len(examples), False
+                    model, _batch(mb, cfg, pad_id, vision=vision), cfg, reference, z0, bco_state, len(examples), False
                 )
             acc.add({"loss": loss, **metrics})
     return {f"eval_{k}": v for k, v in _finish(acc.result()).items()}
@@ -154,14 +166,17 @@ def train_kto(
     train_data: Any = None,
     eval_data: Any = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    image_processor: Any = None,
 ) -> dict[str, Any]:
-    """Run KTO / APO-zero (unpaired) / BCO. Returns a summary with the reference's info and the final BCO state."""
+    """Run KTO / APO-zero (unpaired) / BCO. Returns a summary with the reference's info and the final BCO state.
+    A vision-language model trains on rows with images (as DPO)."""
     if cfg.loss not in ("kto", "apo_zero_unpaired", "bco"):
         raise ValueError(f"loss={cfg.loss!r}; expected kto, apo_zero_unpaired or bco")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    vision = common.vision_processor(model, tokenizer, cfg, image_processor)  # None for a text model
     pad_id = pad_token_id(tokenizer)
     kind = resolve_reference_kind(cfg.reference, lora=cfg.lora_r > 0 or is_peft(model))
     scorer = SequenceScorer(temperature=cfg.temperature, token_chunk=cfg.token_chunk)
@@ -169,7 +184,7 @@ def train_kto(
     tok_kw = dict(chat_format=cfg.chat_format, max_length=cfg.max_length, truncation=cfg.truncation)
     rows = load_rows(train_data if train_data is not None else cfg.train_source(), cfg.dataset_split).to_list()
     tok_kw["kl_completions"] = cfg.loss == "kto"  # only KTO's reference point reads mismatched sequences
-    train, report = tokenize_unpaired(tokenizer, rows, **tok_kw)
+    train, report = tokenize_unpaired(tokenizer, rows, vision=vision, **tok_kw)
     n_d = sum(e["desirable"] for e in train)
     print(f"[alignkit {cfg.loss}] train: {report}; {n_d} desirable, {len(train) - n_d} undesirable")
     if cfg.loss == "kto" and 0 < n_d < len(train):
@@ -179,12 +194,13 @@ def train_kto(
     evals: list[dict[str, Any]] = []
     if eval_data is not None or cfg.eval_dataset:
         eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_dataset, cfg.eval_split).to_list()
-        evals = tokenize_unpaired(tokenizer, eval_rows[: cfg.eval_rows], **tok_kw)[0]
+        evals = tokenize_unpaired(tokenizer, eval_rows[: cfg.eval_rows], vision=vision, **tok_kw)[0]
 
     # the reference, fixed before any update and before LoRA wraps the policy (see the DPO loop)
     def batches(examples: list[dict[str, Any]]) -> LazyBatches:
         def collate(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [_batch(chunk, cfg, pad_id)] + ([_batch(chunk, cfg, pad_id, kl=True)] if cfg.loss == "kto" else [])
+            kl = [_batch(chunk, cfg, pad_id, kl=True, vision=vision)] if cfg.loss == "kto" else []
+            return [_batch(chunk, cfg, pad_id, vision=vision), *kl]
 
         return LazyBatches(examples, cfg.batch_size, collate, per_chunk=2 if cfg.loss == "kto" else 1)
 
@@ -216,11 +232,13 @@ def train_kto(
         n_examples = float(sum(len(mb) for mb in micro))  # the global normaliser: examples in the step
         with common.precision(cfg, model):
             z0 = (
-                kl_reference_point(model, micro, cfg, reference, pad_id, over_ranks=True) if cfg.loss == "kto" else None
+                kl_reference_point(model, micro, cfg, reference, pad_id, over_ranks=True, vision=vision)
+                if cfg.loss == "kto"
+                else None
             )
         acc = _step_metrics()
         for mb, grad_sync in distributed.my_micro_batches(model, micro):  # this rank's share of the step
-            batch = _batch(mb, cfg, pad_id)
+            batch = _batch(mb, cfg, pad_id, vision=vision)
             with grad_sync:
                 with common.precision(cfg, model):
                     loss, metrics, bco_state = _micro(model, batch, cfg, reference, z0, bco_state, n_examples)
@@ -235,10 +253,11 @@ def train_kto(
         counts = {"num_examples": int(n_examples), "num_tokens": n_tokens}
         record = common.step_record(done, _finish(stats), lr, grad_norm, t0, **counts)
         if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-            record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id))
+            record.update(evaluate(model, evals, cfg, eval_reference, bco_state, pad_id, vision))
         if cfg.progress:
             steps.set_postfix(loss=f"{record['loss']:.4f}")
-        common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+        common.end_step(run, record, model=model, tokenizer=vision or tokenizer, callbacks=callbacks,
+                        extra_state=saved_state)  # fmt: skip
     run.log.close()
     return {
         "steps": total_steps,

@@ -170,14 +170,15 @@ def advantage_fn(cfg: RLConfig) -> Callable[[Tensor, Tensor | None], tuple[Tenso
     return lambda R, weights: estimator(R, group_size=cfg.group_size, reward_weights=weights, **options)
 
 
-def _scoring_kwargs(cfg: RLConfig, pad_id: int) -> dict[str, Any]:
+def _scoring_kwargs(cfg: RLConfig, pad_id: int, vision: Any = None) -> dict[str, Any]:
     return dict(temperature=cfg.temperature, shared_prefix=cfg.shared_prefix, pad_id=pad_id,
-                token_chunk=cfg.token_chunk, keep_logits_mb=cfg.keep_logits_mb)  # fmt: skip
+                token_chunk=cfg.token_chunk, keep_logits_mb=cfg.keep_logits_mb, vision=vision)  # fmt: skip
 
 
 def micro_loss(
-    model: torch.nn.Module, batch: RolloutBatch, rows: list[int], cfg: RLConfig, normalizer: float, n_tokens: float
-) -> tuple[Tensor, dict[str, Tensor]]:
+    model: torch.nn.Module, batch: RolloutBatch, rows: list[int], cfg: RLConfig, normalizer: float, n_tokens: float,
+    vision: Any = None,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """``pg_loss`` of the completions ``rows`` of the round, scaled by the step's normaliser."""
     entropy = cfg.entropy_coef != 0
     res = completion_logps(
@@ -185,7 +186,8 @@ def micro_loss(
         [batch.prompt_ids[i] for i in rows],
         [batch.completion_ids[i] for i in rows],
         extras=("entropy",),  # logged always (TRL does); in the loss only with entropy_coef
-        **_scoring_kwargs(cfg, 0),
+        images=None if batch.images is None else [batch.images[i] for i in rows],
+        **_scoring_kwargs(cfg, 0, vision),
     )
     logp, mask = res["logps"], res["mask"]  # [b, L]: completion-aligned like the round's stored tensors
     width = logp.shape[1]
@@ -246,14 +248,21 @@ def train_policy_gradient(
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
     model, tokenizer = common.load_policy(cfg, model, tokenizer)
+    vision = common.vision_processor(model, tokenizer, cfg)  # None for a text model
+    if vision is not None and (cfg.async_rollout or (generator is None and cfg.backend != "hf")):
+        raise ValueError(
+            "vision-language models generate with the hf backend, synchronously, for now (set backend: hf, "
+            "async_rollout: false); vLLM and async rollouts with images are not supported yet"
+        )
     model = common.maybe_add_lora(model, cfg)
     pad_id = pad_token_id(tokenizer)
     if not (reward_funcs or cfg.rewards):
         raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
     rows = list(load_rows(train_data or cfg.train_source(), cfg.dataset_split))
     prompts = load_prompts(
-        rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length, name=name
-    )
+        rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length, name=name,
+        vision=vision,
+    )  # fmt: skip
     # built knowing the columns: a reward needing a parameter nobody passes is refused before any generation
     rewards = RewardSet(
         list(reward_funcs) or cfg.rewards, cfg.reward_weights, max_failed_steps=cfg.max_reward_failures,
@@ -267,7 +276,7 @@ def train_policy_gradient(
     # no-grad passes of a round: the old policy (once it moves within the round, for IS, for KL in the reward)
     # and the reference (for any KL)
     frozen = functools.partial(frozen_completion_logps, micro_batch_size=cfg.micro_batch_size,
-                               **_scoring_kwargs(cfg, pad_id))  # fmt: skip
+                               **_scoring_kwargs(cfg, pad_id, vision))  # fmt: skip
     kl_reward = cfg.kl_coef > 0 and cfg.kl_placement == "reward"
     need_old = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or cfg.rollout_is is not None or kl_reward
     reference = None
@@ -315,9 +324,10 @@ def train_policy_gradient(
                                       backend_kwargs=kw) for kw in kwargs]  # fmt: skip
     own_engines = generator is None  # engines this loop made are closed at its end; a passed one is the caller's
     own_generator = generator is None and not cfg.async_rollout
+    backend_kwargs = {**cfg.backend_kwargs, **({"vision": vision} if vision is not None else {})}
     generator = None if cfg.async_rollout else generator or make_generator(
         cfg.backend, model, tokenizer, pad_id=pad_id, seed=cfg.seed, max_batch_size=cfg.generation_batch_size,
-        model_dir=cfg.model, backend_kwargs=cfg.backend_kwargs,
+        model_dir=cfg.model, backend_kwargs=backend_kwargs,
     )  # fmt: skip
 
     run = common.start_run(model, cfg, cfg.max_steps, name)
@@ -347,7 +357,7 @@ def train_policy_gradient(
 
     record: dict[str, Any] = {}
     async_stats: dict[str, float] = {}
-    reference_logps = (lambda p, c: reference.logps(model, (p, c))) if reference is not None else None
+    reference_logps = (lambda p, c, im=None: reference.logps(model, (p, c, im))) if reference is not None else None
     try:  # the rollout workers stop however the loop ends
         for step in steps:
             t0 = time.perf_counter()
@@ -409,7 +419,7 @@ def train_policy_gradient(
             for j, mb in enumerate(micro):
                 with distributed.grad_sync(model, last=j == len(micro) - 1):
                     with common.precision(cfg, model):
-                        loss, metrics = micro_loss(model, batch, mb, cfg, normalizer, n_tokens)
+                        loss, metrics = micro_loss(model, batch, mb, cfg, normalizer, n_tokens, vision)
                     distributed.backward(loss)
                 acc.add(metrics)
             grad_norm, lr = common.optimizer_step(run, model, loss=acc.total("loss"))
@@ -431,7 +441,8 @@ def train_policy_gradient(
             every = cfg.log_completions_every
             if every and (done % every == 0 or done == 1):  # rank 0's share of the round in effect
                 run.log.log_samples(done, sample_rows(batch, tokenizer, rewards.names, cfg.log_completions_n))
-            common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks, extra_state=saved_state)
+            common.end_step(run, record, model=model, tokenizer=vision or tokenizer, callbacks=callbacks,
+                            extra_state=saved_state)  # fmt: skip
     finally:
         if source is not None:
             source.close()

@@ -51,6 +51,7 @@ class Generator(Protocol):
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
         seed: int | Sequence[int] | None = None,
+        # images: each prompt's images, passed only to engines of vision-language models (HFGenerator(vision=))
     ) -> Rollouts: ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...  # push trainer weights into the engine

@@ -17,6 +17,7 @@ the model's forward with a KV cache (``DynamicCache``), not ``model.generate``:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,12 +86,24 @@ class HFGenerator:
         model: a causal LM; usually the training model itself, so ``update_weights`` is free.
         pad_token_id: id used for left padding (any id works: padded slots are masked).
         max_batch_size: sequences (prompts × n) decoded together; None = all at once.
+        vision: a vision-language model's :class:`alignkit.vision.VisionProcessor`: ``generate`` then takes each
+            prompt's ``images`` (the prompt's forward runs the vision encoder; image tokens are never sampled).
+            Families that lay out their own positions (Qwen2-VL's M-RoPE) are not supported yet.
     """
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, *, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, pad_token_id: int, *, max_batch_size: int | None = None, vision: Any = None
+    ) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = max_batch_size
+        self.vision = vision
+        if vision is not None and vision.family.own_positions:
+            raise ValueError(
+                f"generation for {vision.family.name} models is not supported by the hf backend yet: their decode "
+                "positions (M-RoPE) depend on the image layout; use llava or idefics3 / smolvlm models"
+            )
+        self.suppress = sorted(vision.image_token_ids()) if vision is not None else []
 
     @torch.no_grad()
     def generate(
@@ -104,8 +117,10 @@ class HFGenerator:
         top_k: int = -1,
         stop_token_ids: list[int] | None = None,
         seed: int | Sequence[int] | None = None,
+        images: Sequence[Sequence[Any] | None] | None = None,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt. ``temperature=0`` is greedy (log-probs then at τ=1).
+        ``images``: each prompt's images (a vision-language generator only).
 
         With a ``seed`` (seeds as in ``Generator``) sample j of a prompt with seed s draws from stream ``s + j``
         (:func:`stream_uniforms`; the global RNG is left alone): the same prompt and seed give the same
@@ -117,14 +132,20 @@ class HFGenerator:
         stops = list(stop_token_ids) if stop_token_ids is not None else self._default_stops()
         seeds = prompt_seeds(seed, len(prompt_ids), n)
         streams = None if seeds is None else [s + j for s in seeds for j in range(n)]
+        if images is not None and self.vision is None:
+            raise ValueError("prompts with images need a generator made with the model's VisionProcessor (vision=)")
         expanded = [list(p) for p in prompt_ids for _ in range(n)]
+        row_images = None if images is None else [im for im in images for _ in range(n)]
         step = self.max_batch_size or len(expanded)
         out = Rollouts([], [], [], [])
         with eval_mode(self.model):  # no dropout while sampling
             for i in range(0, len(expanded), step):
                 chunk = expanded[i : i + step]
                 mine = None if streams is None else torch.tensor(streams[i : i + step], dtype=torch.long)
-                ids, lps, fin = self._decode(chunk, max_new_tokens, temperature, top_p, top_k, stops, mine)
+                chunk_images = None if row_images is None else row_images[i : i + step]
+                ids, lps, fin = self._decode(
+                    chunk, max_new_tokens, temperature, top_p, top_k, stops, mine, chunk_images
+                )
                 out.prompt_ids += chunk
                 out.completion_ids += ids
                 out.logprobs += lps
@@ -140,8 +161,11 @@ class HFGenerator:
         top_k: int,
         stops: list[int],
         streams: Tensor | None,
+        images: Sequence[Sequence[Any] | None] | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         from transformers import DynamicCache
+
+        from alignkit.data.images import decode_image
 
         model = self.model
         device = next(model.parameters()).device
@@ -154,8 +178,13 @@ class HFGenerator:
         stop_ids = torch.tensor(stops, device=device)
         cache = DynamicCache(config=_unwrap(model).config)
         kw = {cache_kwarg(model): cache, "use_cache": True}
+        vision_kw: dict[str, Any] = {}
+        if images is not None and self.vision is not None:  # the prompts' images enter with the prompt forward
+            decoded = [decode_image(v, None, "images") for r in images for v in (r or [])]
+            vision_kw = {k: v.to(device) for k, v in self.vision.batch_inputs(decoded, input_ids).items()}
+        suppress = torch.tensor(self.suppress, dtype=torch.long, device=device) if self.suppress else None
         logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
-                       logits_to_keep=1, **kw).logits[:, -1]  # fmt: skip
+                       logits_to_keep=1, **kw, **vision_kw).logits[:, -1]  # fmt: skip
         pos = positions[:, -1]
         rows = torch.arange(B, device=device)  # original row of each live sequence (-1: a placeholder)
         record: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: (rows, tokens, log-probs)
@@ -164,6 +193,8 @@ class HFGenerator:
         # longest; a rank whose sequences have all stopped steps one placeholder row until then
         in_step = distributed.is_fsdp(model) and distributed.world_size() > 1
         for t in range(max_new_tokens):
+            if suppress is not None:  # image tokens are filled by the vision encoder, never written by the model
+                logits = logits.index_fill(-1, suppress, float("-inf"))
             logps = torch.log_softmax(logits.float() / (temperature if sample else 1.0), dim=-1)
             u = None if streams is None else stream_uniforms(streams[rows.clamp(min=0).cpu()], t)
             tok = sample_tokens(logps, top_k=top_k, top_p=top_p, uniforms=u) if sample else logps.argmax(-1)

@@ -29,8 +29,9 @@ __all__ = [
     "sample_rows", "completion_length_metrics", "evaluate_rewards",
 ]  # fmt: skip
 
-#: ``(prompt_ids, completion_ids) -> [N, L_max]`` no-grad log-probs (e.g. a partial of ``frozen_completion_logps``)
-LogpsFn = Callable[[list[list[int]], list[list[int]]], Tensor]
+#: ``(prompt_ids, completion_ids, images) -> [N, L_max]`` no-grad log-probs (e.g. a partial of
+#: ``frozen_completion_logps``); ``images``: each row's prompt images (None for a text round)
+LogpsFn = Callable[[list[list[int]], list[list[int]], Any], Tensor]
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RolloutBatch:
     is_weights: Tensor | None  # [N, L] rollout IS weights
     metrics: dict[str, float]
     rewards: Tensor | None = None  # [N, K] each reward function's value (NaN: not applicable), before any KL
+    images: list[Any] | None = None  # [N] each row's prompt images (a vision-language round), else None
 
 
 def sample_rows(batch: RolloutBatch, tokenizer: Any, reward_names: Sequence[str], n: int) -> list[dict[str, Any]]:
@@ -99,6 +101,7 @@ class ScoredRollouts:
     rewards: Tensor  # [N, K] float32, NaN = not applicable
     metrics: dict[str, Any]  # the RewardSet's metrics, gen_time_s, reward_time_s
     version: int = 0
+    images: list[Any] | None = None  # [N] each row's prompt images (a vision-language round), else None
 
 
 def generate_and_score(
@@ -116,7 +119,9 @@ def generate_and_score(
     top_k``) and score them with the reward functions."""
     G = group_size
     t0 = time.perf_counter()
-    ro = generator.generate([p.ids for p in prompts], n=G, stop_token_ids=stops, seed=seed, **sampling)
+    images = [p.images for p in prompts] if any(p.images for p in prompts) else None
+    extra = {"images": images} if images is not None else {}  # only vision-language engines take images
+    ro = generator.generate([p.ids for p in prompts], n=G, stop_token_ids=stops, seed=seed, **sampling, **extra)
     if len(ro.completion_ids) != len(prompts) * G:
         raise RuntimeError(f"generator returned {len(ro.completion_ids)} completions, expected {len(prompts) * G}")
     t_gen = time.perf_counter() - t0
@@ -128,8 +133,9 @@ def generate_and_score(
     metrics = {k: _num(v) for k, v in reward_metrics.items()}
     metrics.update(gen_time_s=t_gen, reward_time_s=time.perf_counter() - t1)
     per_function = R.detach().float().reshape(len(comp), -1).cpu()
+    rows_images = None if images is None else [im for im in images for _ in range(G)]
     return ScoredRollouts(list(map(list, ro.prompt_ids)), comp, [list(x) for x in ro.logprobs], list(ro.finished),
-                          per_function, metrics)  # fmt: skip
+                          per_function, metrics, images=rows_images)  # fmt: skip
 
 
 def prepare_round(
@@ -161,10 +167,10 @@ def prepare_round(
     sampler[cm] = torch.tensor([x for lp in scored.sampler_logps for x in lp], dtype=torch.float32)
     R, metrics = scored.rewards, dict(scored.metrics)
 
-    old = old_logps_fn(scored.prompt_ids, comp) if old_logps_fn is not None else None
+    old = old_logps_fn(scored.prompt_ids, comp, scored.images) if old_logps_fn is not None else None
     if sampler_as_old:
         old = sampler.clone()
-    ref = reference_logps_fn(scored.prompt_ids, comp) if reference_logps_fn is not None else None
+    ref = reference_logps_fn(scored.prompt_ids, comp, scored.images) if reference_logps_fn is not None else None
     if kl_in_reward is not None:
         if old is None or ref is None:
             raise ValueError("KL in the reward needs both the old-policy and the reference log-probs")
@@ -202,7 +208,8 @@ def prepare_round(
         }
     )
     ref_in_loss = ref if kl_in_reward is None else None
-    return RolloutBatch(scored.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, scored.rewards)
+    return RolloutBatch(scored.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, scored.rewards,
+                        images=scored.images)  # fmt: skip
 
 
 def make_round(
