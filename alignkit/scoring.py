@@ -110,7 +110,9 @@ def model_token_logps(
         input_ids, labels: ``[B,T]``; labels hold −100 where not scored.
         attention_mask, position_ids: ``[B,T]``, passed to the backbone.
         extras, keep_logits_mb: as in :func:`chunked_token_logps`.
-        backbone_kwargs: passed on to the backbone (e.g. ``cu_seq_lens_q`` for flash-attention packing).
+        backbone_kwargs: passed on to the backbone (e.g. ``cu_seq_lens_q`` for flash-attention packing, a
+            vision-language batch's image inputs; with ``vision_repeat=r`` its rows hold each image ``r`` times and
+            the vision encoder runs once per image: :func:`alignkit.vision.encode_images_once`).
 
     Returns:
         ``{"logps": [B,T], **extras [B,T], "mask": [B,T] bool}``; slot t holds the value for predicting
@@ -118,6 +120,11 @@ def model_token_logps(
         ``is_top1``) and carry no gradient.
     """
     backbone_kwargs.setdefault("use_cache", False)
+    repeat = backbone_kwargs.pop("vision_repeat", None)
+    if repeat is not None:  # each image's rows appear `repeat` times: its features are computed once
+        from alignkit.vision import encode_images_once, vision_family
+
+        backbone_kwargs = encode_images_once(model, vision_family(model), dict(backbone_kwargs), int(repeat))
     out = backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **backbone_kwargs
     )

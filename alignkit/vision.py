@@ -31,6 +31,7 @@ __all__ = [
     "VisionProcessor",
     "freeze_vision_tower",
     "is_vision_model",
+    "encode_images_once",
     "vision_backbone",
     "vision_family",
 ]
@@ -57,6 +58,8 @@ class VisionFamily:
     packing: bool = True  # rows may be packed into one sequence with 1-D positions restarting per row
     packing_refusal: str = ""
     own_positions: bool = False  # the model computes its positions from the image layout (no position_ids)
+    encoder_keys: tuple[str, ...] = ("pixel_values",)  # the image inputs the vision encoder reads
+    per_image_keys: tuple[str, ...] = ()  # image inputs the language side reads too (repeated with the features)
 
     def image_processor(self, config: Any) -> Any:  # noqa: ANN401
         """An image processor matching ``config`` (for models built in code, with no processor files)."""
@@ -133,6 +136,8 @@ class Qwen2VLFamily(VisionFamily):
     tokens = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
     packing = False
     own_positions = True
+    encoder_keys = ("pixel_values", "image_grid_thw")
+    per_image_keys = ("image_grid_thw",)
     packing_refusal = (
         "Qwen2-VL computes its 3-D M-RoPE positions per row inside the model, so packed rows would share one "
         "position sequence; set packing: false (rows are padded)"
@@ -167,6 +172,7 @@ class Idefics3Family(VisionFamily):
 
     name = "idefics3"
     model_types = ("idefics3", "smolvlm")
+    encoder_keys = ("pixel_values", "pixel_attention_mask")
     image_token = "<image>"
     fake = "<fake_token_around_image>"
     global_tag = "<global-img>"
@@ -358,6 +364,24 @@ def vision_backbone(model: torch.nn.Module) -> torch.nn.Module:
         name = type(inner).__name__
         raise ValueError(f"cannot find the multimodal backbone of {name} (no .model.get_image_features)")
     return core
+
+
+def encode_images_once(model: torch.nn.Module, family: VisionFamily, inputs: dict[str, Any], repeat: int) -> dict:
+    """``inputs`` (a batch's image inputs) with the images run through the vision encoder ONCE and their features
+    used ``repeat`` times, in order (``mm_encoder_outputs``): the batch holds each image's sequences ``repeat``
+    times (a DPO batch's chosen rows, then its rejected rows), the encoder's gradient accumulates over all."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    core = vision_backbone(model)
+    enc = {k: inputs.pop(k) for k in family.encoder_keys if k in inputs}
+    if not enc:
+        return inputs
+    feats = core.get_image_features(**enc, return_dict=True).pooler_output
+    pooled = torch.cat([feats] * repeat) if isinstance(feats, Tensor) else list(feats) * repeat
+    for k in family.per_image_keys:
+        inputs[k] = torch.cat([enc[k]] * repeat)
+    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+    return inputs
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:

@@ -483,3 +483,56 @@ def test_rloo_runs_on_images(tmp_path):
                      progress=False, chat_format="smolvlm", log_completions_every=1, kl_coef=0.05)  # fmt: skip
     out = train_rloo(cfg, model=model, tokenizer=tok, train_data=rows, reward_funcs=[_first_word_is_answer])
     assert out["steps"] == 2 and (tmp_path / "rl" / "final_model").exists()
+
+
+def test_dpo_pairs_run_each_image_through_the_vision_encoder_once(family):
+    """chosen and rejected share their prompt's image features: one encoder pass per image, the same per-sequence
+    log-probs (and encoder gradients) as running every sequence's images through it."""
+    from alignkit.data.preference import collate_pairs, tokenize_pairs
+    from alignkit.scoring import batch_sequence_logps
+
+    fam, fmt, tok, model, vp = family
+    pairs = []
+    for k in range(3):
+        prompt = _row(f"question {k}?", "x", n_images=1 + k % 2, seed=20 + k)
+        pairs.append({"images": prompt["images"], "prompt": prompt["messages"][:1],
+                      "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "yes" * (k + 1)}]}],
+                      "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "no"}]}]})  # fmt: skip
+    ex, _ = tokenize_pairs(tok, pairs, chat_format=fmt, vision=vp)
+    once = collate_pairs(ex, pad_token_id=tok.pad_token_id, vision=vp)
+    assert once["vision_inputs"]["vision_repeat"] == 2
+    twice = dict(once, vision_inputs=dict(once["vision_inputs"]))
+    twice["vision_inputs"].pop("vision_repeat")
+    full = vp.batch_inputs([vision_image for p in pairs for vision_image in p["images"]] * 2, once["input_ids"])
+    twice["vision_inputs"].update({k: v for k, v in full.items() if k != "mm_token_type_ids"})
+    encoder = vision.vision_backbone(model).get_image_features
+    calls = []
+    tower = next(
+        m for n, m in vision.vision_backbone(model).named_children() if n in ("vision_tower", "visual", "vision_model")
+    )
+
+    def count(mod, args, kwargs):  # noqa: ANN001, ANN202 - images (or patches) entering the encoder
+        x = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        calls.append(x.shape[0])
+
+    handle = tower.register_forward_pre_hook(count, with_kwargs=True)
+    model.eval()
+    try:
+        grads = []
+        for batch in (once, twice):
+            calls.clear()
+            model.zero_grad()
+            res = batch_sequence_logps(model, batch)
+            res["sum"].sum().backward()
+            grads.append({n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None})
+            if batch is once:
+                sums, n_once = res["sum"].detach(), sum(calls)
+            else:
+                torch.testing.assert_close(res["sum"].detach(), sums, rtol=1e-5, atol=1e-4)
+                n_twice = sum(calls)
+        assert encoder is not None and n_once > 0 and 2 * n_once == n_twice  # each image (its patches) once
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+    finally:
+        handle.remove()
+        model.zero_grad()

@@ -445,11 +445,14 @@ def collate_sequences(
     global_ids: Sequence[int] | None = None,
     images: Sequence[Sequence[Any]] | None = None,
     vision: Any = None,
+    image_repeat: int = 1,
 ) -> dict[str, Any]:
     """Batch n (input_ids, labels) sequences for one forward, padded or packed into bounded rows.
 
     With ``vision`` (an :class:`alignkit.vision.VisionProcessor`) and ``images`` (each sequence's images),
     ``vision_inputs`` holds the model's image inputs, the images in the order their sequences sit in the batch.
+    ``image_repeat=r``: sequence ``k`` has the images of sequence ``k mod n/r`` (a DPO batch: chosen, then
+    rejected); padded, each image is then encoded once (``vision_repeat``, :func:`alignkit.vision.encode_images_once`).
 
     Padded: `input_ids`, `labels`, `attention_mask`, `position_ids` are `[n, T]` (row k = sequence k).
     Packed (`packing=True`): `pack_rows` rows `[R, L]` of at most `capacity` tokens, documents kept apart by
@@ -494,8 +497,12 @@ def collate_sequences(
 
         if vision.family.own_positions:
             batch["position_ids"] = None  # the model lays out its positions from the image grid
+        once = image_repeat > 1 and not packing and n % image_repeat == 0
+        order = order[: n // image_repeat] if once else order
         decoded = [decode_image(v, None, "images") for i in order for v in (images[i] if images else [])]
         batch["vision_inputs"] = vision.batch_inputs(decoded, batch["input_ids"])
+        if once and decoded:
+            batch["vision_inputs"]["vision_repeat"] = image_repeat
     batch["sequence_ids"] = seq_ids
     batch["token_rank"] = _token_rank(batch["labels"], seq_ids, n)
     batch["lengths"] = torch.tensor([_n_labelled(e["labels"]) for e in examples])
@@ -517,7 +524,7 @@ def collate_pairs(
     ids = [2 * p["id"] for p in pairs] + [2 * p["id"] + 1 for p in pairs]
     images = [p.get("images") or [] for p in pairs] * 2
     batch = collate_sequences(seqs, pad_token_id=pad_token_id, packing=packing, capacity=capacity, global_ids=ids,
-                              images=images, vision=vision)  # fmt: skip
+                              images=images, vision=vision, image_repeat=2)  # fmt: skip
     n_c, n_r = split_pairs(batch["lengths"])
     batch["pair_min_lengths"] = torch.minimum(n_c, n_r).repeat(2)
     return batch
