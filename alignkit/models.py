@@ -187,10 +187,21 @@ def is_peft(model: torch.nn.Module | None) -> bool:
 def add_lora(
     model: torch.nn.Module, *, r: int, alpha: int = 16, dropout: float = 0.0, targets: Sequence[str] = ()
 ) -> torch.nn.Module:
-    """Wrap ``model`` in a peft LoRA adapter of rank ``r`` on the ``targets`` modules (only the adapter trains)."""
+    """Wrap ``model`` in a peft LoRA adapter of rank ``r`` on the ``targets`` modules (only the adapter trains).
+    On a vision-language model the adapter goes on the language model only: ``targets`` (module names, or
+    ``all-linear``) are matched among its linear layers, never the vision encoder's or the projector's."""
     from peft import LoraConfig, get_peft_model
 
-    lc = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    names: Any = list(targets)
+    if getattr(model.config, "vision_config", None) is not None:
+        decoder = decoder_of(model)
+        prefix = next(n for n, m in model.named_modules() if m is decoder)
+        every = "all-linear" in names
+        names = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)
+                 and (every or n.rsplit(".", 1)[-1] in names)]  # fmt: skip
+        if not names:
+            raise ValueError(f"no linear layer of the language model ({prefix}) is named like {list(targets)}")
+    lc = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
     return get_peft_model(model, lc)
 
 

@@ -536,3 +536,43 @@ def test_dpo_pairs_run_each_image_through_the_vision_encoder_once(family):
     finally:
         handle.remove()
         model.zero_grad()
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
+def test_lora_on_a_vlm_adapts_the_language_model_only(tmp_path, targets):
+    tok = vision.vision_byte_tokenizer("llava")
+    model = vision.tiny_vlm("llava", tok, seed=4)
+    rows = [_row("q?", "yes", seed=k) for k in range(4)]
+    cfg = _sft_cfg(tmp_path, chat_format="llava-1.5", lora_r=4, lora_targets=targets)
+    train_sft(cfg, model=model, tokenizer=tok, train_data=rows)
+    adapted = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    assert adapted and all(".language_model." in n for n in adapted), adapted
+    assert any("vision_tower" in n for n, _ in model.named_modules())  # the encoder is there, unadapted
+
+
+@pytest.mark.parametrize("fam", ["llava", "idefics3"])
+def test_cli_sft_on_a_saved_vlm_and_jsonl_with_relative_image_paths(tmp_path, fam):
+    """The user's path: a model folder (model + tokenizer + processor), a jsonl with images beside it, the CLI."""
+    from alignkit.cli import main
+
+    tok = vision.vision_byte_tokenizer(fam)
+    model = vision.tiny_vlm(fam, tok, seed=5)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    vision.VisionProcessor.for_model(model, tok).save_pretrained(folder)
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    lines = []
+    for k in range(4):
+        _image(k).save(tmp_path / "data" / "imgs" / f"{k}.png")
+        lines.append(json.dumps({**_row("Which?", f"answer {k}"), "images": [f"imgs/{k}.png"]}))
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    argv = ["sft", f"model={folder}", f"dataset={tmp_path / 'data' / 'train.jsonl'}", f"output_dir={run}",
+            f"chat_format={dict(FAMILIES)[fam]}", "max_steps=2", "batch_size=2", "progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert type(AutoModelForImageTextToText.from_pretrained(run / "final_model")) is type(model)
+    assert AutoProcessor.from_pretrained(run / "final_model").image_processor.to_dict() == (
+        AutoProcessor.from_pretrained(folder).image_processor.to_dict()
+    )
