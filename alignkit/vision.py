@@ -81,6 +81,18 @@ class VisionFamily:
         """Per-token inputs the model needs beside ``input_ids`` (``[B, T]``)."""
         return {}
 
+    def prefill_positions(
+        self, core: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
+        inputs: Mapping[str, Tensor],
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """Generation: the positions of a left-padded prompt batch (``positions``: the 1-D ones) and what later
+        decode positions need (None for 1-D positions)."""
+        return positions, None
+
+    def decode_positions(self, pos: Tensor, state: Tensor | None) -> Tensor:
+        """Generation: the positions of the next token of each row (``pos``: its 1-D position, ``[B]``)."""
+        return pos[:, None]
+
     def hf_processor(self, image_processor: Any, tokenizer: Any, config: Any) -> Any:  # noqa: ANN401
         """The family's transformers processor (saved with checkpoints so ``AutoProcessor`` reloads them), or None
         where it cannot be built here (Qwen2-VL's needs torchvision): then its parts are saved."""
@@ -164,6 +176,22 @@ class Qwen2VLFamily(VisionFamily):
     def token_inputs(self, input_ids: Tensor, token_ids: Mapping[str, int]) -> dict[str, Tensor]:
         # 1 marks an image token, so the model can lay out its 3-D positions (transformers' convention)
         return {"mm_token_type_ids": (input_ids == token_ids[self.image_token]).long()}
+
+    def prefill_positions(
+        self, core: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
+        inputs: Mapping[str, Tensor],
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        # M-RoPE: image tokens get (t, h, w) grid positions, text after an image continues from the grid's extent;
+        # each row's offset against its 1-D position (rope delta) carries over to every decoded token
+        pos3, deltas = core.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=attention_mask,
+        )  # fmt: skip
+        return pos3, deltas.reshape(-1).to(positions.device)
+
+    def decode_positions(self, pos: Tensor, state: Tensor | None) -> Tensor:
+        step = pos[:, None] + (0 if state is None else state[:, None])
+        return step.unsqueeze(0).expand(3, -1, -1)
 
 
 class Idefics3Family(VisionFamily):

@@ -459,12 +459,6 @@ def test_hf_generation_with_images_never_samples_an_image_token(fam):
 def test_rl_refuses_what_vision_models_cannot_do_yet(tmp_path):
     from alignkit.loops.grpo import GRPOConfig, train_grpo
 
-    tok = vision.vision_byte_tokenizer("qwen2_vl")
-    with pytest.raises(ValueError, match="generation for qwen2_vl models is not supported by the hf backend yet"):
-        from alignkit.rollout.hf import HFGenerator
-
-        model = vision.tiny_vlm("qwen2_vl", tok)
-        HFGenerator(model, 0, vision=vision.VisionProcessor.for_model(model, tok))
     tok = vision.vision_byte_tokenizer("llava")
     cfg = GRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=1, async_rollout=True, progress=False)
     with pytest.raises(ValueError, match="vision-language models generate with the hf backend, synchronously"):
@@ -472,15 +466,50 @@ def test_rl_refuses_what_vision_models_cannot_do_yet(tmp_path):
                    reward_funcs=[_first_word_is_answer])  # fmt: skip
 
 
-def test_rloo_runs_on_images(tmp_path):
+def test_sampler_logprobs_with_images_equal_the_models_own_forward(family):
+    """Generation with images (left-padded prompts, KV cache, rows leaving as they stop; Qwen2-VL's M-RoPE positions
+    carried per row) scores each sampled token as the model's own full forward over prompt + completion does (its
+    positions laid out by the model itself), with the image tokens suppressed in both."""
+    from alignkit.data.prompts import load_prompts
+    from alignkit.rollout.hf import HFGenerator
+
+    fam, fmt, tok, model, vp = family
+    rows = []
+    for k in range(3):  # prompts of different lengths and image sizes
+        r = _row("why?" * (k + 1), "x", n_images=1 + k % 2, seed=30 + k)
+        r["images"] = [_image(30 + j, (32 + 16 * k, 28 + 8 * j)) for j in range(len(r["images"]))]
+        rows.append({**r, "messages": r["messages"][:1]})
+    prompts = load_prompts(rows, tok, chat_format=fmt, vision=vp)
+    gen = HFGenerator(model, tok.pad_token_id, vision=vp)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ro = gen.generate([p.ids for p in prompts], n=2, max_new_tokens=6, temperature=1.0, seed=7,
+                      images=[p.images for p in prompts], stop_token_ids=[eos, *range(100)])  # fmt: skip
+    assert len({len(c) for c in ro.completion_ids}) > 1  # some rows stopped early
+    examples = [{"input_ids": p + c, "labels": p + c, "images": prompts[i // 2].images}
+                for i, (p, c) in enumerate(zip(ro.prompt_ids, ro.completion_ids))]  # fmt: skip
+    batch = vp.collate(examples, tok.pad_token_id)
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits.float()
+    logits[..., sorted(vp.image_token_ids())] = float("-inf")
+    logps = torch.log_softmax(logits, -1)
+    for i, (p, c) in enumerate(zip(ro.prompt_ids, ro.completion_ids)):
+        want = logps[i, len(p) - 1 : len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(ro.logprobs[i]), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", ["idefics3", "qwen2_vl"])
+def test_rloo_runs_on_images(tmp_path, fam):
     from alignkit.loops.rloo import RLOOConfig, train_rloo
 
-    tok = vision.vision_byte_tokenizer("idefics3")
-    model = vision.tiny_vlm("idefics3", tok, seed=0)
+    tok = vision.vision_byte_tokenizer(fam)
+    model = vision.tiny_vlm(fam, tok, seed=0)
     rows = [{**_row("colour?", "x", seed=k), "messages": _row("colour?", "x")["messages"][:1], "answer": "red"}
             for k in range(4)]  # fmt: skip
     cfg = RLOOConfig(output_dir=str(tmp_path / "rl"), max_steps=2, group_size=2, prompts_per_step=2, max_new_tokens=4,
-                     progress=False, chat_format="smolvlm", log_completions_every=1, kl_coef=0.05)  # fmt: skip
+                     progress=False, chat_format=dict(FAMILIES)[fam], log_completions_every=1,
+                     kl_coef=0.05)  # fmt: skip
     out = train_rloo(cfg, model=model, tokenizer=tok, train_data=rows, reward_funcs=[_first_word_is_answer])
     assert out["steps"] == 2 and (tmp_path / "rl" / "final_model").exists()
 

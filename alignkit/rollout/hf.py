@@ -87,8 +87,8 @@ class HFGenerator:
         pad_token_id: id used for left padding (any id works: padded slots are masked).
         max_batch_size: sequences (prompts × n) decoded together; None = all at once.
         vision: a vision-language model's :class:`alignkit.vision.VisionProcessor`: ``generate`` then takes each
-            prompt's ``images`` (the prompt's forward runs the vision encoder; image tokens are never sampled).
-            Families that lay out their own positions (Qwen2-VL's M-RoPE) are not supported yet.
+            prompt's ``images`` (the prompt's forward runs the vision encoder; image tokens are never sampled;
+            Qwen2-VL's M-RoPE positions are laid out from the image grid at the prompt and carried on per row).
     """
 
     def __init__(
@@ -98,11 +98,6 @@ class HFGenerator:
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = max_batch_size
         self.vision = vision
-        if vision is not None and vision.family.own_positions:
-            raise ValueError(
-                f"generation for {vision.family.name} models is not supported by the hf backend yet: their decode "
-                "positions (M-RoPE) depend on the image layout; use llava or idefics3 / smolvlm models"
-            )
         self.suppress = sorted(vision.image_token_ids()) if vision is not None else []
 
     @torch.no_grad()
@@ -179,11 +174,20 @@ class HFGenerator:
         cache = DynamicCache(config=_unwrap(model).config)
         kw = {cache_kwarg(model): cache, "use_cache": True}
         vision_kw: dict[str, Any] = {}
+        family, pos_state = None, None  # a VLM family whose positions follow the image layout, and its state
+        prefill_positions = positions
         if images is not None and self.vision is not None:  # the prompts' images enter with the prompt forward
             decoded = [decode_image(v, None, "images") for r in images for v in (r or [])]
             vision_kw = {k: v.to(device) for k, v in self.vision.batch_inputs(decoded, input_ids).items()}
+            if decoded and self.vision.family.own_positions:
+                from alignkit.vision import vision_backbone
+
+                family = self.vision.family
+                prefill_positions, pos_state = family.prefill_positions(
+                    vision_backbone(model), input_ids, mask[:, :width], positions, vision_kw
+                )
         suppress = torch.tensor(self.suppress, dtype=torch.long, device=device) if self.suppress else None
-        logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
+        logits = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
                        logits_to_keep=1, **kw, **vision_kw).logits[:, -1]  # fmt: skip
         pos = positions[:, -1]
         rows = torch.arange(B, device=device)  # original row of each live sequence (-1: a placeholder)
@@ -212,12 +216,14 @@ class HFGenerator:
                 )
                 cache.batch_select_indices(keep)
                 rows, tok, pos, mask = rows[keep], tok[keep], pos[keep], mask[keep]
+                pos_state = None if pos_state is None else pos_state[keep]
                 if not bool(live.any()):
                     rows = torch.full_like(rows, -1)
             mask[:, width + t] = 1
             pos = pos + 1
+            step_pos = pos[:, None] if family is None else family.decode_positions(pos, pos_state)
             logits = model(input_ids=tok[:, None], attention_mask=mask[:, : width + t + 1],
-                           position_ids=pos[:, None], **kw).logits[:, -1]  # fmt: skip
+                           position_ids=step_pos, **kw).logits[:, -1]  # fmt: skip
         ids: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         for r_, tok_, lp_ in record:
