@@ -167,16 +167,27 @@ def encode_samples(
             text, rng = r.text, _trainable_ranges(r, train_on, s.completion_start)
         texts.append(text)
         ranges.append(rng)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=not getattr(tokenizer, "is_fast", False))
+    out = []
+    for k, (ids, labels) in enumerate(_tokenize_texts(tokenizer, texts, ranges)):
+        idx = indices[k] if indices is not None else None
+        ids, labels, cut = _truncate(ids, labels, max_length, truncation, idx)
+        out.append(Encoded(ids, labels, cut))
+    return out
+
+
+def _tokenize_texts(
+    tokenizer: Any, texts: list[str], ranges: list[list[tuple[int, int]]]
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each text, all in ONE batched tokenizer call; labels from the trainable ranges."""
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=not fast)
     out = []
     for k, ids in enumerate(enc["input_ids"]):
-        if getattr(tokenizer, "is_fast", False):
+        if fast:
             labels = _labels(ids, enc.encodings[k], ranges[k], len(texts[k]))
         else:
             labels = _labels_by_offsets(ids, enc["offset_mapping"][k], ranges[k], len(texts[k]))
-        idx = indices[k] if indices is not None else None
-        ids, labels, cut = _truncate(list(ids), labels, max_length, truncation, idx)
-        out.append(Encoded(ids, labels, cut))
+        out.append((list(ids), labels))
     return out
 
 
@@ -265,7 +276,6 @@ def encode_vision_samples(
             f"chat format {chat_format.name!r} is text-only; vision-language rows need a multimodal format "
             "(e.g. llava-1.5, qwen2.5-vl, smolvlm; `alignkit.templates.list_formats()`)"
         )
-    tok = vision.tokenizer
     texts, ranges, image_lists = [], [], []
     for k, s in enumerate(samples):
         idx = indices[k] if indices is not None else None
@@ -284,14 +294,9 @@ def encode_vision_samples(
         texts.append(text)
         ranges.append(rng)
         image_lists.append(list(s.images or []))
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=not getattr(tok, "is_fast", False))
     out = []
-    for k, ids in enumerate(enc["input_ids"]):
+    for k, (ids, labels) in enumerate(_tokenize_texts(vision.tokenizer, texts, ranges)):
         idx = indices[k] if indices is not None else None
-        if getattr(tok, "is_fast", False):
-            labels = _labels(ids, enc.encodings[k], ranges[k], len(texts[k]))
-        else:
-            labels = _labels_by_offsets(ids, enc["offset_mapping"][k], ranges[k], len(texts[k]))
         want = texts[k].count(vision.family.image_token)
         if vision.family.image_count(ids, vision.token_ids) != want:
             raise ValueError(
@@ -299,7 +304,7 @@ def encode_vision_samples(
                 f"{vision.family.image_count(ids, vision.token_ids)} found): add it as a special token"
             )
         n = len(ids)
-        ids, labels, cut = _truncate(list(ids), labels, max_length, truncation, idx)
+        ids, labels, cut = _truncate(ids, labels, max_length, truncation, idx)
         if cut and vision.family.image_count(ids, vision.token_ids) != want:
             field_name = samples[k].image_field or "images"
             exp = f"at most max_length={max_length} tokens without cutting an image's tokens"

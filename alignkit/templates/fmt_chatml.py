@@ -55,7 +55,7 @@ def _function(call: Any, truthy: bool = False) -> Any:
     return call
 
 
-def _hermes_call(call: Any, *, raw_string_args: bool, truthy_function: bool = False) -> str:
+def hermes_call(call: Any, *, raw_string_args: bool, truthy_function: bool = False) -> str:
     """`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` as the Qwen templates write it."""
     fn = _function(call, truthy_function)
     args = fn.get("arguments", MISSING) if isinstance(fn, Mapping) else MISSING
@@ -164,7 +164,7 @@ class _Qwen(ChatFormat):
             return
         content = self._tool_call_content(messages, i)
         body = ("\n" + content if m.get("content") else "") + "".join(
-            "\n" + _hermes_call(c, raw_string_args=False) for c in m["tool_calls"]
+            "\n" + hermes_call(c, raw_string_args=False) for c in m["tool_calls"]
         )
         _tool_call_turn(b, i, body)
 
@@ -237,7 +237,7 @@ class Qwen3(_Qwen):
             shown = think + content.lstrip("\n")
         # The separator before the first call looks at the unstripped content, as the template does.
         calls = "".join(
-            ("\n" if (k > 0 or content) else "") + _hermes_call(c, raw_string_args=True, truthy_function=True)
+            ("\n" if (k > 0 or content) else "") + hermes_call(c, raw_string_args=True, truthy_function=True)
             for k, c in enumerate(m.get("tool_calls") or ())
         )
         add_turn(b, i, "assistant", header, shown + calls, END, "\n")

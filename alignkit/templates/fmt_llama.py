@@ -45,7 +45,7 @@ def _function(call: Any, i: int) -> dict[str, Any]:
     return fn
 
 
-def _tool_defs(tools: Any) -> str:
+def tool_definitions(tools: Any) -> str:
     """Each tool as indented JSON followed by a blank line (`t | tojson(indent=4)`)."""
     return "".join(tojson(t, indent=4) + "\n\n" for t in tools)
 
@@ -151,7 +151,7 @@ class _LlamaToolsBase(ChatFormat):
                 raise TemplateError(NO_FIRST_USER)
             first = messages[start]
             b.add(self._h("user"), msg=start, role=first["role"])
-            b.add(TOOLS_IN_USER + _tool_defs(tools))
+            b.add(TOOLS_IN_USER + tool_definitions(tools))
             b.add(first.get("content", "").strip() + self.eot, msg=start, role=first["role"])
             start += 1
 
@@ -196,7 +196,7 @@ class Llama31(_LlamaToolsBase):
             b.add("Tools: " + ", ".join(t for t in builtin if t != "code_interpreter") + "\n\n")
         b.add("Cutting Knowledge Date: December 2023\nToday Date: " + self._date(sw) + "\n\n")
         if tools is not None and not sw.get("tools_in_user_message", True):
-            b.add(TOOLS_IN_SYSTEM + _tool_defs(tools))
+            b.add(TOOLS_IN_SYSTEM + tool_definitions(tools))
         b.add((system or "") + self.eot, **owner)
 
     def _message(self, b: Builder, i: int, m: dict[str, Any], sw: dict) -> None:
@@ -259,7 +259,7 @@ class Llama4(_LlamaToolsBase):
         if tools is not None:
             b.add("Environment: ipython\n")
             if not sw.get("tools_in_user_message", True):
-                b.add(TOOLS_IN_SYSTEM + _tool_defs(tools))
+                b.add(TOOLS_IN_SYSTEM + tool_definitions(tools))
         b.add(system + self.eot, msg=0, role="system")
 
     def _message(self, b: Builder, i: int, m: dict[str, Any], sw: dict) -> None:

@@ -25,7 +25,7 @@ from alignkit.templates.fmt_chatml import (
     QWEN_TOOLS_HEAD,
     QWEN_TOOLS_TAIL,
     START,
-    _hermes_call,
+    hermes_call,
 )
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -172,7 +172,7 @@ class Qwen3VL(ChatFormat):
             # prints nothing but still counts).
             for k, c in enumerate(calls):
                 sep = "\n" if (k > 0 or m.get("content")) else ""
-                pieces.append((TEXT, sep + _hermes_call(c, raw_string_args=True, truthy_function=True)))
+                pieces.append((TEXT, sep + hermes_call(c, raw_string_args=True, truthy_function=True)))
         _turn(b, i, "assistant", f"{START}assistant\n", pieces, END, "\n")
 
 

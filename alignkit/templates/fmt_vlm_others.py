@@ -39,7 +39,7 @@ from alignkit.templates._common import (
     tojson,
 )
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
-from alignkit.templates.fmt_llama import NO_FIRST_USER, TOOLS_IN_USER, Llama4, Llama32
+from alignkit.templates.fmt_llama import NO_FIRST_USER, TOOLS_IN_USER, Llama4, Llama32, tool_definitions
 from alignkit.templates.fmt_mistral import ONLY_USER_ASSISTANT_SYSTEM, MistralV03
 
 
@@ -176,8 +176,7 @@ class Llama32Vision(Llama32):
                 raise TemplateError(NO_FIRST_USER)
             first = messages[start]
             b.add(self._h("user"), msg=start, role=first["role"])
-            # (`t | tojson(indent=4)` + "\n\n" per tool; fmt_llama's `_tool_defs` does the same but is private.)
-            b.add(TOOLS_IN_USER + "".join(tojson(t, indent=4) + "\n\n" for t in tools))
+            b.add(TOOLS_IN_USER + tool_definitions(tools))
             b.add(printed(lookup(first, "content")).strip() + self.eot, msg=start, role=first["role"])
             start += 1
 
