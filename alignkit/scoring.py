@@ -358,12 +358,6 @@ def completion_logps(
     vision-language model's rows; a shared prompt's images then run through the vision encoder once. Families
     that lay out their own positions (Qwen2-VL) score padded rows.
     """
-    from alignkit.data.images import decode_image
-
-    def image_inputs(rows: Sequence[Sequence[Any] | None], input_ids: Tensor) -> dict[str, Tensor]:
-        decoded = [decode_image(v, None, "images") for r in rows for v in (r or [])]
-        return vision.batch_inputs(decoded, input_ids)
-
     cm = completion_mask([len(c) for c in completion_ids])
     dev = next(model.parameters()).device
     # keep_logits_mb only acts where a backward follows (chunked_token_logps checks grad mode itself)
@@ -376,7 +370,7 @@ def completion_logps(
     if not shared_prefix or is_checkpointing(model) or in_step or own_positions:
         b = _prompt_completion_rows(prompt_ids, completion_ids, pad_id)
         if with_images:
-            b.update(image_inputs(images, b["input_ids"]))
+            b.update(vision.row_inputs(images, b["input_ids"]))
             if own_positions:
                 b.pop("position_ids")
         b = to_device(b, dev)
@@ -394,7 +388,7 @@ def completion_logps(
         width = max(len(c) for c in completion_ids[i:j])
         comp = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completion_ids[i:j]])
         prompt = torch.tensor(prompt_ids[i])
-        pin = image_inputs([images[i]], prompt[None]) if with_images and images[i] else None
+        pin = vision.row_inputs([images[i]], prompt[None]) if with_images and images[i] else None
         res = shared_prefix_token_logps(model, prompt, comp, cm[i:j, :width], prompt_inputs=pin, **kw)
         parts.append({k: torch.nn.functional.pad(v, (0, L - width)) for k, v in res.items()})
         i = j

@@ -309,19 +309,29 @@ class VisionProcessor:
             out.update(self.family.model_inputs(self.process(images)))
         return out
 
+    def row_inputs(self, rows_images: Sequence[Sequence[Any] | None], input_ids: Tensor) -> dict[str, Tensor]:
+        """:meth:`batch_inputs` of each row's images as the rows gave them (paths, bytes, PIL), decoded here in
+        row order (``None`` or ``[]``: a row without images)."""
+        from alignkit.data.images import decode_image
+
+        return self.batch_inputs([decode_image(v, None, "images") for r in rows_images for v in r or []], input_ids)
+
+    def require_packing(self) -> None:
+        """Refuse packing, with the reason, for a family whose positions depend on the image layout."""
+        if not self.family.packing:
+            raise ValueError(f"packing is not supported for {self.family.name} models: {self.family.packing_refusal}")
+
     def collate(self, examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
         """A padded micro-batch of encoded vision-language rows (:func:`alignkit.data.tokenize.tokenize_vision_rows`):
         ``input_ids`` / ``labels`` / ``attention_mask`` / ``position_ids`` ``[B, T]`` plus the model's image inputs,
         the rows' images decoded again here in row order."""
         from alignkit.data.collate import pad_collate
-        from alignkit.data.images import decode_image
 
         text = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         padded = pad_collate(text, pad_token_id=pad_token_id)
         keep = ("input_ids", "labels", "attention_mask") + (() if self.family.own_positions else ("position_ids",))
         batch = {k: padded[k] for k in keep}
-        images = [decode_image(v, None, "images") for e in examples for v in e.get("images") or []]
-        batch.update(self.batch_inputs(images, batch["input_ids"]))
+        batch.update(self.row_inputs([e.get("images") for e in examples], batch["input_ids"]))
         return batch
 
     def pack(
@@ -338,10 +348,8 @@ class VisionProcessor:
         (:func:`alignkit.data.collate.pack_rows`, for sdpa / eager). Families whose positions depend on the image
         layout (Qwen2-VL) refuse."""
         from alignkit.data.collate import pack_best_fit_decreasing, pack_collate, pack_rows, packed_forward_kwargs
-        from alignkit.data.images import decode_image
 
-        if not self.family.packing:
-            raise ValueError(f"packing is not supported for {self.family.name} models: {self.family.packing_refusal}")
+        self.require_packing()
         text = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         if capacity is None:
             bins = [list(range(len(text)))]
@@ -349,11 +357,10 @@ class VisionProcessor:
         else:
             bins = pack_best_fit_decreasing([len(e["input_ids"]) for e in text], capacity)
             batch = pack_rows(text, capacity=capacity, pad_token_id=pad_token_id, bins=bins)
-        order = [i for b in bins for i in b]
-        images = [decode_image(v, None, "images") for i in order for v in examples[i].get("images") or []]
+        images = [examples[i].get("images") for b in bins for i in b]  # in the order the rows were packed
         kwargs = packed_forward_kwargs(batch, attn_implementation)
         kwargs.pop("use_cache", None)
-        return {**kwargs, "labels": batch["labels"], **self.batch_inputs(images, batch["input_ids"])}
+        return {**kwargs, "labels": batch["labels"], **self.row_inputs(images, batch["input_ids"])}
 
     def save_pretrained(self, path: Any) -> None:  # noqa: ANN401
         """The tokenizer and image processor (as the family's processor where it can be built), so the folder

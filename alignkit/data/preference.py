@@ -489,19 +489,15 @@ def collate_sequences(
         seq_ids = torch.where(b["attention_mask"].bool(), torch.arange(n)[:, None], -1)
         order = list(range(n))
     if vision is not None:
-        if packing and not vision.family.packing:
-            raise ValueError(
-                f"packing is not supported for {vision.family.name} models: {vision.family.packing_refusal}"
-            )
-        from alignkit.data.images import decode_image
-
+        if packing:
+            vision.require_packing()
         if vision.family.own_positions:
             batch["position_ids"] = None  # the model lays out its positions from the image grid
         once = image_repeat > 1 and not packing and n % image_repeat == 0
         order = order[: n // image_repeat] if once else order
-        decoded = [decode_image(v, None, "images") for i in order for v in (images[i] if images else [])]
-        batch["vision_inputs"] = vision.batch_inputs(decoded, batch["input_ids"])
-        if once and decoded:
+        rows_images = [images[i] for i in order] if images else []
+        batch["vision_inputs"] = vision.row_inputs(rows_images, batch["input_ids"])
+        if once and any(rows_images):
             batch["vision_inputs"]["vision_repeat"] = image_repeat
     batch["sequence_ids"] = seq_ids
     batch["token_rank"] = _token_rank(batch["labels"], seq_ids, n)

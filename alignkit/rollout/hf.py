@@ -160,8 +160,6 @@ class HFGenerator:
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         from transformers import DynamicCache
 
-        from alignkit.data.images import decode_image
-
         model = self.model
         device = next(model.parameters()).device
         B, width = len(prompts), max(map(len, prompts))
@@ -177,9 +175,8 @@ class HFGenerator:
         family, pos_state = None, None  # a VLM family whose positions follow the image layout, and its state
         prefill_positions = positions
         if images is not None and self.vision is not None:  # the prompts' images enter with the prompt forward
-            decoded = [decode_image(v, None, "images") for r in images for v in (r or [])]
-            vision_kw = {k: v.to(device) for k, v in self.vision.batch_inputs(decoded, input_ids).items()}
-            if decoded and self.vision.family.own_positions:
+            vision_kw = {k: v.to(device) for k, v in self.vision.row_inputs(images, input_ids).items()}
+            if any(images) and self.vision.family.own_positions:
                 from alignkit.vision import vision_backbone
 
                 family = self.vision.family
