@@ -143,18 +143,25 @@ class _LlamaToolsBase(ChatFormat):
         if first_message(messages)["role"] == "system":
             system, start = self._system_text(messages[0]), 1
         self._system_block(b, system, sw)
+        self._turns(b, messages, self._tools_turn(b, messages, start, sw), add_generation_prompt, sw)
 
+    def _tools_turn(self, b: Builder, messages: list[dict[str, Any]], start: int, sw: dict) -> int:
+        """With tools in the user message: the first message after the system one (whatever its role) becomes
+        the user turn carrying them. Returns the index of the next message to render."""
         tools = sw.get("tools")
-        if tools is not None and sw.get("tools_in_user_message", True):
-            # The first message after the system one (whatever its role) becomes the user turn carrying tools.
-            if start >= len(messages):
-                raise TemplateError(NO_FIRST_USER)
-            first = messages[start]
-            b.add(self._h("user"), msg=start, role=first["role"])
-            b.add(TOOLS_IN_USER + tool_definitions(tools))
-            b.add(first.get("content", "").strip() + self.eot, msg=start, role=first["role"])
-            start += 1
+        if tools is None or not sw.get("tools_in_user_message", True):
+            return start
+        if start >= len(messages):
+            raise TemplateError(NO_FIRST_USER)
+        first = messages[start]
+        b.add(self._h("user"), msg=start, role=first["role"])
+        b.add(TOOLS_IN_USER + tool_definitions(tools))
+        b.add(self._trimmed_content(first) + self.eot, msg=start, role=first["role"])
+        return start + 1
 
+    def _turns(
+        self, b: Builder, messages: list[dict[str, Any]], start: int, add_generation_prompt: bool, sw: dict
+    ) -> None:
         for i in range(start, len(messages)):
             m = messages[i]
             if m["role"] == "tool" and "tool_calls" not in m:
@@ -165,8 +172,11 @@ class _LlamaToolsBase(ChatFormat):
             b.add(self._h("assistant"))
 
     @staticmethod
-    def _system_text(m: dict[str, Any]) -> str:
+    def _trimmed_content(m: dict[str, Any]) -> str:
+        """``m['content'] | trim`` where the template trims a message's content."""
         return m.get("content", "").strip()
+
+    _system_text = _trimmed_content
 
 
 @register

@@ -39,7 +39,7 @@ from alignkit.templates._common import (
     tojson,
 )
 from alignkit.templates.base import Builder, ChatFormat, TemplateError, register
-from alignkit.templates.fmt_llama import NO_FIRST_USER, TOOLS_IN_USER, Llama4, Llama32, tool_definitions
+from alignkit.templates.fmt_llama import Llama4, Llama32
 from alignkit.templates.fmt_mistral import ONLY_USER_ASSISTANT_SYSTEM, MistralV03
 
 
@@ -167,27 +167,11 @@ class Llama32Vision(Llama32):
             with_system = bool(start) or not has_images
         if with_system:
             self._system_block(b, system if start else None, sw)
+        self._turns(b, messages, self._tools_turn(b, messages, start, sw), add_generation_prompt, sw)
 
-        tools = sw.get("tools")
-        if tools is not None and sw.get("tools_in_user_message", True):
-            # The first message after the system one (whatever its role) becomes the user turn carrying tools;
-            # its content goes through `| trim` (a list prints as its repr).
-            if start >= len(messages):
-                raise TemplateError(NO_FIRST_USER)
-            first = messages[start]
-            b.add(self._h("user"), msg=start, role=first["role"])
-            b.add(TOOLS_IN_USER + tool_definitions(tools))
-            b.add(printed(lookup(first, "content")).strip() + self.eot, msg=start, role=first["role"])
-            start += 1
-
-        for i in range(start, len(messages)):
-            m = messages[i]
-            if m["role"] == "tool" and "tool_calls" not in m:
-                self._tool_result(b, i, m)  # `content | tojson` (a string content too: it is iterable)
-            else:
-                self._message(b, i, m, sw)
-        if add_generation_prompt:
-            b.add(self._h("assistant"))
+    @staticmethod
+    def _trimmed_content(m: dict[str, Any]) -> str:
+        return printed(lookup(m, "content")).strip()  # `| trim` of list content: its Python repr
 
     def _message(self, b: Builder, i: int, m: dict[str, Any], sw: dict) -> None:
         if "tool_calls" in m:  # exactly one call, as JSON: the text Llama 3.2 format's rendering
