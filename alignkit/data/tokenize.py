@@ -142,10 +142,7 @@ def encode_samples(
     indices: Sequence[int] | None = None,
 ) -> list[Encoded]:
     """Render each sample, tokenize all texts in ONE batched tokenizer call, map spans to labels."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
-    if truncation not in TRUNCATION:
-        raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+    _check_options(train_on, truncation)
     with_images = next((k for k, s in enumerate(samples) if s.images), None)
     if with_images is not None:
         idx = indices[with_images] if indices is not None else with_images
@@ -159,11 +156,7 @@ def encode_samples(
         if s.messages is None:
             text, rng = _plain_text(s, tokenizer, train_on)
         else:
-            try:
-                r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
-            except TemplateError as e:
-                want = f"a conversation chat format {chat_format.name!r} accepts ({e})"
-                raise RowError(idx, s.source_field, want) from e
+            r = _render_row(s, chat_format, switches, add_generation_prompt, idx)
             text, rng = r.text, _trainable_ranges(r, train_on, s.completion_start)
         texts.append(text)
         ranges.append(rng)
@@ -173,6 +166,23 @@ def encode_samples(
         ids, labels, cut = _truncate(ids, labels, max_length, truncation, idx)
         out.append(Encoded(ids, labels, cut))
     return out
+
+
+def _check_options(train_on: str, truncation: str) -> None:
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+
+
+def _render_row(
+    sample: Sample, fmt: ChatFormat, switches: Mapping[str, Any], add_generation_prompt: bool, index: int | None
+) -> Rendered:
+    """The sample rendered by ``fmt``; a conversation the format refuses is a RowError naming the row's field."""
+    try:
+        return _render_sample(sample, fmt, dict(switches), add_generation_prompt)
+    except TemplateError as e:
+        raise RowError(index, sample.source_field, f"a conversation chat format {fmt.name!r} accepts ({e})") from e
 
 
 def _tokenize_texts(
@@ -271,6 +281,7 @@ def encode_vision_samples(
     tokenizer call. Image tokens are never trained. Truncation that would cut through an image raises RowError."""
     from alignkit.data.images import sample_images
 
+    _check_options(train_on, truncation)
     if not chat_format.multimodal and any(s.images for s in samples):
         raise ValueError(
             f"chat format {chat_format.name!r} is text-only; vision-language rows need a multimodal format "
@@ -281,10 +292,7 @@ def encode_vision_samples(
         idx = indices[k] if indices is not None else None
         if s.messages is None:
             raise RowError(idx, s.source_field, "a conversation (messages) for a vision-language model")
-        try:
-            r = _render_sample(s, chat_format, dict(switches), add_generation_prompt)
-        except TemplateError as e:
-            raise RowError(idx, s.source_field, f"a conversation chat format {chat_format.name!r} accepts ({e})") from e
+        r = _render_row(s, chat_format, switches, add_generation_prompt, idx)
         images = sample_images(s, idx)
         if len(r.image_spans()) != len(images):
             want = f"every image rendered once by chat format {chat_format.name!r}"
@@ -314,40 +322,11 @@ def encode_vision_samples(
 
 
 def tokenize_vision_rows(
-    vision: Any,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    chat_format: str | ChatFormat | None = None,
-    train_on: str = "assistant",
-    max_length: int | None = None,
-    truncation: str = "right",
-    switches: Mapping[str, Any] | None = None,
-    progress: bool = False,
+    vision: Any, rows: Sequence[Mapping[str, Any]], **kwargs: Any
 ) -> tuple[list[dict[str, Any]], TokenizeReport]:
-    """Tokenize vision-language rows (a list or ``datasets.Dataset``) one by one, as :func:`tokenize_rows`;
+    """:func:`tokenize_rows` of vision-language rows (a list or ``datasets.Dataset``) with ``vision``'s tokenizer;
     each example keeps its ``images`` (decoded again when batched: pixel tensors are not held in memory)."""
-    fmt = resolve_format(vision.tokenizer, chat_format)
-    sw = tokenizer_switches(vision.tokenizer, fmt, switches)
-    report = TokenizeReport()
-    out: list[dict[str, Any]] = []
-    it: Any = range(len(rows))
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="tokenize", unit="row")
-    for i in it:
-        (e,) = encode_vision_samples(
-            vision, [normalize_row(rows[i], i)], chat_format=fmt, switches=sw, train_on=train_on,
-            max_length=max_length, truncation=truncation, indices=[i],
-        )  # fmt: skip
-        report.rows += 1
-        report.truncated += e.truncated
-        if e.num_trained_tokens == 0:
-            report.dropped_no_trainable += 1
-            report.dropped_indices.append(i)
-            continue
-        out.append(e.as_dict())
-    return out, report
+    return tokenize_rows(vision.tokenizer, rows if isinstance(rows, list) else list(rows), vision=vision, **kwargs)
 
 
 @dataclass
@@ -377,8 +356,11 @@ def tokenize_rows(
     batch_size: int = 256,
     progress: bool = False,
     start_index: int = 0,
+    vision: Any = None,
 ) -> tuple[list[dict[str, Any]], TokenizeReport]:
-    """Tokenize many rows; rows left with no trainable token are dropped and counted, never trained on."""
+    """Tokenize many rows; rows left with no trainable token are dropped and counted, never trained on. With
+    ``vision`` (an :class:`alignkit.vision.VisionProcessor` around ``tokenizer``), rows with images
+    (:func:`encode_vision_samples`)."""
     fmt = resolve_format(tokenizer, chat_format)
     sw = tokenizer_switches(tokenizer, fmt, switches)
     report = TokenizeReport()
@@ -392,15 +374,12 @@ def tokenize_rows(
         chunk = rows[b : b + batch_size]
         idx = list(range(start_index + b, start_index + b + len(chunk)))
         samples = [normalize_row(r, i) for r, i in zip(chunk, idx)]
-        encs = encode_samples(
-            tokenizer,
-            samples,
-            chat_format=fmt,
-            switches=sw,
-            train_on=train_on,
-            max_length=max_length,
-            truncation=truncation,
-            indices=idx,
+        kw = dict(chat_format=fmt, switches=sw, train_on=train_on, max_length=max_length, truncation=truncation,
+                  indices=idx)  # fmt: skip
+        encs: Sequence[Encoded] = (
+            encode_vision_samples(vision, samples, **kw)
+            if vision is not None
+            else encode_samples(tokenizer, samples, **kw)
         )
         for i, e in zip(idx, encs):
             report.rows += 1
