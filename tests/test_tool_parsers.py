@@ -147,14 +147,6 @@ def test_text_without_calls_has_none(name):
     assert tools.parse_tool_calls(name, _generated(fmt, messages, _switches(fmt))) == []
 
 
-def _is_json(s: str) -> bool:
-    try:
-        json.loads(s)
-    except ValueError:
-        return False
-    return True
-
-
 def test_unknown_format_names_the_ones_with_parsers():
     with pytest.raises(KeyError, match="has no tool-call parser; formats with one"):
         tools.parse_tool_calls("alpaca", "x")
