@@ -340,7 +340,10 @@ def _save_sharded(
         check_free_space(run_dir, needed, f"checkpoint-{step}")
         tmp.mkdir()
     distributed.barrier()
-    if optimizer is not None:
+    # an optimizer that has not stepped yet is left out: get_state_dict would fill its empty state with a zero-grad
+    # step, and Adam's bias correction would then count a step that never happened (the ranks agree: they step together)
+    with_optimizer = optimizer is not None and bool(optimizer.state)
+    if with_optimizer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     else:
@@ -359,6 +362,7 @@ def _save_sharded(
             "step": step,
             "run_id": run_id,
             "optimizer": None,  # in dcp/
+            "dcp_optimizer": with_optimizer,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "world_size": distributed.world_size(),
@@ -496,7 +500,7 @@ def load_checkpoint(
     verify_checkpoint(ckpt)
     state = read_state(ckpt)
     if (ckpt / "dcp").is_dir():  # sharded: DCP reshards onto this run's ranks (one process included)
-        _load_sharded(ckpt, model, optimizer)
+        _load_sharded(ckpt, model, optimizer if state.get("dcp_optimizer", True) else None)
     elif model is not None and distributed.is_fsdp(model):  # a one-process checkpoint onto FSDP2 shards
         _load_full_into_sharded(ckpt, model, optimizer, state.get("optimizer"))
     else:

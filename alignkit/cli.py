@@ -32,7 +32,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reward": ("alignkit.loops.reward_model", "RewardConfig", "train_reward"),
     "grpo": ("alignkit.loops.grpo", "GRPOConfig", "train_grpo"),
     "rloo": ("alignkit.loops.rloo", "RLOOConfig", "train_rloo"),
+    "online-dpo": ("alignkit.loops.online_dpo", "OnlineDPOConfig", "train_online_dpo"),
     "prm": ("alignkit.loops.prm", "PRMConfig", "train_prm"),
+    "distill": ("alignkit.loops.distill", "DistillConfig", "train_distill"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -222,3 +223,22 @@ def describe_keys(cls: type) -> str:
         for d in docs:
             out.append(f"    {d.name} ({d.type}, default {d.default!r}): {d.meaning}")
     return "\n".join(out)
+
+
+def import_object(path: str, what: str = "object") -> Any:  # noqa: ANN401
+    """``pkg.mod:attr.sub`` or ``pkg.mod.attr`` -> the object (``what`` names it in errors: "reward", "tool")."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {path!r} is not a dotted path like 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"{what} {path!r}: cannot import module {module_name!r} ({e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{what} {path!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj

@@ -102,7 +102,7 @@ def _tiny_model(path: Path, head: str = "lm") -> str:
 
 ROWS = {b[2]: b[3] for b in BLOCKS if b[1] == "rows"}
 CONFIGS = {b[2]: b[3] for b in BLOCKS if b[1] == "config"}
-ROWS_OF = {"rloo": "grpo"}  # RLOO reads GRPO's prompt rows
+ROWS_OF = {"rloo": "grpo", "online-dpo": "grpo"}  # RLOO and online DPO read GRPO's prompt rows
 
 
 def test_a_worked_example_for_every_loop():
@@ -120,10 +120,12 @@ def test_worked_example_runs(loop, tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(CONFIGS[loop])
     swapped = [f"model={_tiny_model(tmp_path / 'model')}", f"dataset={data}", f"output_dir={tmp_path / 'run'}",
                "max_steps=2", "progress=false", "report_to=[]"]  # fmt: skip
-    if loop in ("sft", "dpo", "kto", "reward", "grpo", "rloo"):
+    if loop in ("sft", "dpo", "kto", "reward", "grpo", "rloo", "online-dpo"):
         swapped.append("chat_format=chatml")  # the byte tokenizer has no template to detect
     if loop in ("grpo", "rloo"):
         swapped += ["max_new_tokens=8", "prompts_per_step=2", "group_size=4"]
+    elif loop == "online-dpo":
+        swapped += ["max_new_tokens=8", "prompts_per_step=2", "num_generations=2"]
     else:
         swapped.append("grad_accum=1")
     if loop == "sft":

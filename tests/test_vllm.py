@@ -33,7 +33,7 @@ from alignkit.rollout.vllm_colocate import VLLMColocateGenerator  # noqa: E402
 from alignkit.rollout.vllm_server import ServerGoneError, VLLMServerGenerator, free_port  # noqa: E402
 
 TOL = 1e-3
-MAX_LEN = 128
+MAX_LEN = 192  # a two-turn tool rollout (prompt, call, result, answer) fits
 
 
 def _config(tok):
@@ -348,3 +348,57 @@ def test_grpo_over_vllm_raises_reward(colocate, trainer, tok, tmp_path):
     # every round was sampled with the trainer's current weights (fp32): vLLM and trainer log-probs agree
     mismatch = [abs(r["is/mismatch_k1"]) for r in log]
     assert max(mismatch) < TOL, mismatch
+
+
+def test_a_multi_turn_tool_rollout_has_the_same_layout_on_vllm_as_on_hf(colocate, tok, tmp_path):
+    """A model that learnt one tool trace by heart makes the same two-turn rollout on vLLM colocate and on HF
+    generate: the same prompt, model and glue tokens, the same trained mask and turns, and matching log-probs
+    (token ids in, token ids out on both, the glue rendered by our templates)."""
+    from alignkit import templates
+    from alignkit.config import build_config
+    from alignkit.data.prompts import load_prompts
+    from alignkit.loops.sft import SFTConfig, train_sft
+    from alignkit.rollout.hf import HFGenerator
+    from alignkit.rollout.multi_turn import ToolUse, tool_rollouts
+
+    def double(x: int) -> int:
+        """Double a number.
+
+        Args:
+            x: the number
+        """
+        return 2 * x
+
+    prompt = [{"role": "system", "content": ""}, {"role": "user", "content": "q"}]
+    call = {"id": "t000c0000", "type": "function", "function": {"name": "double", "arguments": {"x": 1}}}
+    trace = {"messages": [*prompt, {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "t000c0000", "name": "double", "content": "2"},
+                          {"role": "assistant", "content": "2"}]}  # fmt: skip
+    model = build_tiny_model(_config(tok), seed=0)
+    sft = build_config(SFTConfig, dict(output_dir=str(tmp_path / "sft"), chat_format="qwen2.5", max_steps=60,
+                                       epochs=100, batch_size=8, lr=3e-3, progress=False,
+                                       max_length=MAX_LEN))  # fmt: skip
+    train_sft(sft, model=model, tokenizer=tok, train_data=[trace] * 32)
+    fmt = templates.get_format("qwen2.5")
+    prompts = load_prompts([{"prompt": prompt}], tok, chat_format="qwen2.5", verbose=False)
+    tool_use = ToolUse({"double": double}, schemas_in_prompt=False, max_completion_length=MAX_LEN - 40)
+    stops = [tok.convert_tokens_to_ids("<|im_end|>")]
+    kw = dict(n=2, sampling={"max_new_tokens": 80, "temperature": 0.05}, stops=stops, seeds=[3])
+    try:
+        colocate.update_weights(model)
+        on_vllm = tool_rollouts(colocate, tok, fmt, prompts, tool_use, **kw)
+    finally:
+        colocate.update_weights(build_tiny_model(_config(tok), seed=0))  # the module's other tests start from seed 0
+    model.eval()
+    with torch.no_grad():
+        on_hf = tool_rollouts(HFGenerator(model, tok.pad_token_id), tok, fmt, prompts, tool_use, **kw)
+    assert on_vllm.metrics["tools/turns"] == 2 and on_vllm.metrics["tools/calls_per_rollout"] == 1, (
+        [tok.decode(c) for c in on_vllm.completion_ids],
+        [tok.decode(c) for c in on_hf.completion_ids],
+    )
+    assert on_vllm.texts == ["2", "2"] and all(on_vllm.finished)
+    for key in ("prompt_ids", "completion_ids", "trained", "turn", "rollout_index"):
+        assert getattr(on_vllm, key) == getattr(on_hf, key), key
+    for a, b, m in zip(on_vllm.sampler_logps, on_hf.sampler_logps, on_vllm.trained):
+        assert all(abs(x - y) < 1e-2 for x, y, k in zip(a, b, m) if k)
+        assert all(x == 0.0 for x, k in zip(a, m) if not k)

@@ -85,6 +85,7 @@ def load_prompts(
     name: str | None = None,
     verbose: bool = True,
     vision: Any = None,
+    switches: Mapping[str, Any] | None = None,
 ) -> Prompts:
     """Rows -> token ids. Message prompts go through the chat format (``chat_format``, or detected from the
     tokenizer) with the generation prompt appended; plain string prompts are used as they are. A `messages`
@@ -95,7 +96,8 @@ def load_prompts(
 
     Prompts over ``max_prompt_length`` tokens keep their last ones; they are counted in the returned
     `Prompts`' ``truncated_rows`` and, with ``verbose``, reported in one printed line (``[alignkit NAME]``); a cut
-    through an image's tokens raises RowError."""
+    through an image's tokens raises RowError. ``switches``: chat format switches over the tokenizer's (e.g. the
+    ``tools`` a tool rollout shows)."""
     from alignkit.data.images import decode_image
 
     fmt = None
@@ -115,7 +117,8 @@ def load_prompts(
         else:
             fmt = fmt or resolve_format(tokenizer, chat_format)
             try:
-                r = fmt.render(content, add_generation_prompt=True, **tokenizer_switches(tokenizer, fmt))
+                sw = {**tokenizer_switches(tokenizer, fmt), **(switches or {})}
+                r = fmt.render(content, add_generation_prompt=True, **sw)
             except TemplateError as e:
                 raise RowError(i, field, f"a conversation chat format {fmt.name!r} accepts ({e})") from e
             text = r.text

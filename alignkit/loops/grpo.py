@@ -16,7 +16,7 @@ Composes: the online RL loop of `loops.policy_gradient` with `advantage="grpo"` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,11 @@ def train_grpo(
     reward_funcs: Sequence[Callable[..., list] | str] = (),
     generator: Generator | None = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    tools: Sequence[Callable[..., Any]] | Mapping[str, Callable[..., Any]] = (),
+    environment_factory: Callable[[], Any] | Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run GRPO. Pass objects (model, tokenizer, prompt rows, reward functions, a ``Generator``) or let ``cfg``
-    name them. Returns ``{"steps", "last": last metrics record, "run_dir"}``."""
+    """Run GRPO. Pass objects (model, tokenizer, prompt rows, reward functions, a ``Generator``, tools or an
+    environment class) or let ``cfg`` name them. Returns ``{"steps", "last": last metrics record, "run_dir"}``."""
     return train_policy_gradient(
         cfg,
         name="grpo",
@@ -59,4 +61,6 @@ def train_grpo(
         reward_funcs=reward_funcs,
         generator=generator,
         callbacks=callbacks,
+        tools=tools,
+        environment_factory=environment_factory,
     )

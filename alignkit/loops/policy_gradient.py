@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from alignkit import distributed
+from alignkit.config import import_object
 from alignkit.data.loading import load_rows
 from alignkit.data.prompts import load_prompts, round_prompts
+from alignkit.data.tokenize import resolve_format, tokenizer_switches
 from alignkit.loops import common
 from alignkit.loops.config import DatasetBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.advantages import ADVANTAGES
@@ -36,7 +38,8 @@ from alignkit.reference import ReferenceInputs, build_reference, default_rl_refe
 from alignkit.reward_funcs import RewardSet, RewardState
 from alignkit.rollout import Generator, make_generator, stop_token_ids
 from alignkit.rollout.async_rollout import AsyncRollouts, WorkerSpec, split_cores
-from alignkit.rollout.round import RolloutBatch, make_round, prepare_round, sample_rows
+from alignkit.rollout.multi_turn import ToolUse
+from alignkit.rollout.round import RolloutBatch, environment_reward, make_round, prepare_round, sample_rows
 from alignkit.scoring import completion_logps, frozen_completion_logps
 
 RewardFn = Callable[..., list]
@@ -68,6 +71,17 @@ class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
     top_k: int = -1  # sample among the k most likely tokens (-1: all)
     stop_tokens: list[str] = field(default_factory=list)  # extra stop tokens besides the eos ids
     generation_batch_size: int | None = None  # sequences per generate call (hf backend)
+    # multi-turn tool use (alignkit.rollout.multi_turn): tools as dotted paths `pkg.module:function`, environments
+    # as dotted paths to classes (one, or {name: path} routed by the row's `environment_column`)
+    tools: list[str] = field(default_factory=list)  # standalone tool functions (schemas from their type hints)
+    environment: str | dict[str, str] | None = None  # environment class(es): reset(row), tools as methods, reward()
+    environment_column: str = "environment"  # the row field naming its environment (several environments)
+    max_tool_calls: int = 8  # tool calls per rollout (the next turn's calls over it end the rollout)
+    max_completion_length: int = 1024  # tokens of a tool rollout after its prompt: model turns, results and glue
+    tool_timeout_s: float = 30.0  # per tool call; a call over it returns a timeout error to the model
+    tool_max_output_chars: int = 4096  # a tool result is cut to this many characters
+    tool_schemas_in_prompt: bool = True  # show the tools' schemas in the prompt (false: a model SFT'd on the tools)
+    turn_advantage_coef: float = 1.0  # weight of turn-level advantages (environments whose reward() scores each turn)
     # advantages (alignkit.losses.advantages.ADVANTAGES; an estimator takes the options it knows)
     advantage: str = "grpo"  # advantage estimator by name (losses.advantages.ADVANTAGES)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # GRPO std scale (none = Dr.GRPO)
@@ -152,6 +166,11 @@ class RLConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
         require(self, world == 1 or (self.scale_rewards != "batch" and not self.normalize_advantages),
                 "scale_rewards", "group or none (and normalize_advantages=false) under several ranks: batch-level "
                 "advantage statistics are not gathered across ranks yet")  # fmt: skip
+        if self.tools or self.environment:
+            require(self, self.max_tool_calls >= 0, "max_tool_calls", "an integer >= 0")
+            require(self, self.max_completion_length >= 1, "max_completion_length", "an integer >= 1")
+            require(self, self.tool_timeout_s > 0, "tool_timeout_s", "a number of seconds > 0")
+            require(self, world == 1 and self.nproc == 1, "nproc", "1 with tools (several ranks: not yet)")
         folded = self.kl_placement == "reward" and self.kl_coef > 0
         require(self, not (folded and self.multi_reward == "normalize_then_sum"), "multi_reward",
                 "sum_then_normalize when kl_placement='reward' folds the KL into one summed reward")  # fmt: skip
@@ -175,6 +194,40 @@ def _scoring_kwargs(cfg: RLConfig, pad_id: int, vision: Any = None) -> dict[str,
                 token_chunk=cfg.token_chunk, keep_logits_mb=cfg.keep_logits_mb, vision=vision)  # fmt: skip
 
 
+def tool_use_from(
+    cfg: RLConfig, tools: Sequence[Callable[..., Any]] | Mapping[str, Callable[..., Any]] = (),
+    environment_factory: Callable[[], Any] | Mapping[str, Callable[[], Any]] | None = None,
+) -> ToolUse | None:  # fmt: skip
+    """The run's :class:`ToolUse` from ``cfg.tools`` / ``cfg.environment`` (dotted paths) and the objects passed
+    to the loop (callables; a mapping names them), or None when the run uses no tools."""
+    named = dict(tools) if isinstance(tools, Mapping) else {fn.__name__: fn for fn in tools}
+    for path in cfg.tools:
+        fn = import_object(path, "tool")
+        named[getattr(fn, "__name__", path.rpartition(".")[2])] = fn
+    envs: dict[str | None, Callable[[], Any]] = {}
+    if environment_factory is not None:
+        envs = dict(environment_factory) if isinstance(environment_factory, Mapping) else {None: environment_factory}
+    elif isinstance(cfg.environment, str):
+        envs = {None: import_object(cfg.environment, "environment")}
+    elif cfg.environment:
+        envs = {name: import_object(path, "environment") for name, path in cfg.environment.items()}
+    if not named and not envs:
+        return None
+    return ToolUse(named, envs, environment_column=cfg.environment_column, max_tool_calls=cfg.max_tool_calls,
+                   max_completion_length=cfg.max_completion_length, timeout_s=cfg.tool_timeout_s,
+                   max_output_chars=cfg.tool_max_output_chars,
+                   schemas_in_prompt=cfg.tool_schemas_in_prompt)  # fmt: skip
+
+
+def _environment_rewards(tool_use: ToolUse | None) -> list[RewardFn]:
+    """``environment_reward`` when an environment scores its rollouts (has ``reward`` or ``get_reward``)."""
+    if tool_use is None or not any(
+        hasattr(f, h) for f in tool_use.environments.values() for h in ("reward", "get_reward")
+    ):
+        return []
+    return [environment_reward]
+
+
 def micro_loss(
     model: torch.nn.Module, batch: RolloutBatch, rows: list[int], cfg: RLConfig, normalizer: float, n_tokens: float,
     vision: Any = None,
@@ -195,11 +248,13 @@ def micro_loss(
     def full(x: Tensor | None) -> Tensor | None:
         return None if x is None else x[rows][:, :width].to(logp.device)
 
-    m = mask & batch.keep[rows].to(mask.device).unsqueeze(1)
+    # the round's mask: tool results and template glue between turns are not trained (tool rollouts)
+    m = mask & full(batch.cmask) & batch.keep[rows].to(mask.device).unsqueeze(1)
+    A = batch.advantages[rows]
     return pg_loss(
         logp,
         full(batch.old_logps),
-        batch.advantages[rows].to(logp.device),
+        (A if A.dim() == 1 else A[:, :width]).to(logp.device),
         m,
         normalizer=normalizer,
         kind=cfg.loss,
@@ -224,7 +279,8 @@ def round_normalizer(batch: RolloutBatch, rows: Sequence[int], cfg: RLConfig) ->
     """The aggregation's D over ALL micro-batches of the step made of the round's ``rows`` (masked truncated
     completions do not count), summed over the ranks' shares before it is clamped to >= 1."""
     counted = batch.cmask[rows] & batch.keep[rows].unsqueeze(1)
-    local = step_count(cfg.agg, counted, cfg.max_new_tokens)
+    tool_run = batch.rollout_index is not None
+    local = step_count(cfg.agg, counted, cfg.max_completion_length if tool_run else cfg.max_new_tokens)
     return max(float(distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64))), 1.0)
 
 
@@ -242,8 +298,13 @@ def train_policy_gradient(
     reward_funcs: Sequence[RewardFn | str] = (),
     generator: Generator | None = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    tools: Sequence[Callable[..., Any]] | Mapping[str, Callable[..., Any]] = (),
+    environment_factory: Callable[[], Any] | Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run GRPO / RLOO (``name`` labels logs). See the module docstring for the order of operations."""
+    """Run GRPO / RLOO (``name`` labels logs). See the module docstring for the order of operations.
+
+    ``tools`` / ``environment_factory`` (or ``cfg.tools`` / ``cfg.environment``) make every completion a multi-turn
+    tool rollout (``alignkit.rollout.multi_turn``)."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
@@ -254,20 +315,37 @@ def train_policy_gradient(
             "vision-language models generate with the hf backend, synchronously, for now (set backend: hf, "
             "async_rollout: false); vLLM and async rollouts with images are not supported yet"
         )
+    tool_use = tool_use_from(cfg, tools, environment_factory)
+    if tool_use is not None and (vision is not None or distributed.world_size() > 1):
+        raise ValueError("tool rollouts run with a text model in one trainer process for now (several ranks and "
+                         "vision-language tool rollouts are not supported yet)")  # fmt: skip
     model = common.maybe_add_lora(model, cfg)
     pad_id = pad_token_id(tokenizer)
-    if not (reward_funcs or cfg.rewards):
+    env_rewards = _environment_rewards(tool_use)
+    if not (reward_funcs or cfg.rewards or env_rewards):
         raise ValueError("no reward functions: set cfg.rewards (names or dotted paths) or pass reward_funcs")
     rows = list(load_rows(train_data or cfg.train_source(), cfg.dataset_split))
+    # a tool run's prompts are checked (and cut) as shown with every tool; each rollout renders its own
+    tool_switches = {"tools": tool_use.schemas()} if tool_use is not None and tool_use.schemas_in_prompt else None
     prompts = load_prompts(
         rows, tokenizer, chat_format=cfg.chat_format, max_prompt_length=cfg.max_prompt_length, name=name,
-        vision=vision,
+        vision=vision, switches=tool_switches,
     )  # fmt: skip
+    if tool_use is not None and prompts.truncated_rows:
+        raise ValueError(f"tool rollouts render whole prompts and do not cut them: {prompts.report()}; raise "
+                         "max_prompt_length (or set it to null) or shorten those prompts")  # fmt: skip
     # built knowing the columns: a reward needing a parameter nobody passes is refused before any generation
+    tool_columns = {"trajectory", "environment_reward"} if tool_use is not None else set()
     rewards = RewardSet(
-        list(reward_funcs) or cfg.rewards, cfg.reward_weights, max_failed_steps=cfg.max_reward_failures,
-        columns={k for p in prompts for k in p.columns},
+        [*(list(reward_funcs) or cfg.rewards), *env_rewards],
+        None if cfg.reward_weights is None else [*cfg.reward_weights, *[1.0] * len(env_rewards)],
+        max_failed_steps=cfg.max_reward_failures, columns={k for p in prompts for k in p.columns} | tool_columns,
     )  # fmt: skip
+    tool_round = {}
+    if tool_use is not None:  # the chat format renders the tool results and the next generation prompt
+        fmt = resolve_format(tokenizer, cfg.chat_format)
+        tool_round = dict(tool_use=tool_use, chat_format=fmt, switches=tokenizer_switches(tokenizer, fmt),
+                          turn_advantage_coef=cfg.turn_advantage_coef)  # fmt: skip
     per_round = cfg.prompts_per_step * cfg.steps_per_generation
     steps_per_round = cfg.steps_per_generation * cfg.num_iterations
     stops = stop_token_ids(model, tokenizer, cfg.stop_tokens)
@@ -300,10 +378,12 @@ def train_policy_gradient(
         if cfg.backend != "hf" or generator is not None:  # engine threads share this process: nothing to pin
             trainer_cores, worker_cores, threads = [], [], None
         spec = WorkerSpec(
-            tokenizer=tokenizer, prompts=list(prompts), reward_funcs=list(reward_funcs) or list(cfg.rewards),
-            reward_weights=cfg.reward_weights, max_reward_failures=cfg.max_reward_failures, group_size=cfg.group_size,
+            tokenizer=tokenizer, prompts=list(prompts),
+            reward_funcs=[*(list(reward_funcs) or cfg.rewards), *env_rewards], reward_weights=rewards.weights.tolist(),
+            max_reward_failures=cfg.max_reward_failures, group_size=cfg.group_size,
             sampling=sampling, stops=stops, pad_id=pad_id, max_batch_size=cfg.generation_batch_size,
             max_steps=cfg.max_steps, threads=threads,
+            tool_round={k: v for k, v in tool_round.items() if k != "turn_advantage_coef"},
         )  # fmt: skip
 
         def plan(rnd: int) -> tuple[list[int], list[int]]:  # the round the synchronous loop would make
@@ -376,6 +456,7 @@ def train_policy_gradient(
                         reference_logps_fn=reference_logps,
                         kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None, rollout_is=rollout_is,
                         mask_truncated=cfg.mask_truncated, sampler_as_old=behind and cfg.off_policy == "bypass",
+                        turn_advantage=(cfg.group_size, cfg.turn_advantage_coef) if tool_use is not None else None,
                     )  # fmt: skip
             elif k == 0 or batch is None:
                 if stale:
@@ -405,11 +486,12 @@ def train_policy_gradient(
                         kl_in_reward=(cfg.kl_coef, cfg.kl_kind) if kl_reward else None,
                         rollout_is=rollout_is,
                         mask_truncated=cfg.mask_truncated,
+                        **tool_round,
                     )
             # this step's slice of the round: whole groups, so each step sees complete groups
             chunk = k % cfg.steps_per_generation
             n = cfg.prompts_per_step // distributed.world_size() * cfg.group_size
-            rows = list(range(chunk * n, (chunk + 1) * n))
+            rows = batch.rows_of(range(chunk * n, (chunk + 1) * n))
             # the normalisers count the whole step: every rank's rows
             normalizer = round_normalizer(batch, rows, cfg)
             counted = float((batch.cmask[rows] & batch.keep[rows].unsqueeze(1)).sum())

@@ -32,5 +32,5 @@ class RLOOConfig(RLConfig):
 
 def train_rloo(cfg: RLOOConfig, **objects: Any) -> dict[str, Any]:
     """Run RLOO; the same keyword arguments (``model, tokenizer, train_data, reward_funcs, generator,
-    callbacks``) and return value as ``train_grpo``."""
+    callbacks, tools, environment_factory``) and return value as ``train_grpo``."""
     return train_policy_gradient(cfg, name="rloo", **objects)

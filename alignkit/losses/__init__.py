@@ -7,6 +7,8 @@
     advantages   grpo / rloo / reinforce++ advantages                    (no grad)
     policy       kl_estimate, ratios, policy_loss, pg_loss, rollout_is_weights, masks
     aggregation  aggregate(L, m, mode=..., normalizer=...)                (token -> scalar)
+    distill      generalized_jsd_loss (forward/reverse KL, JSD_β), sparse_divergence_loss (top-k + tail),
+                 chunked_generalized_jsd_loss (from hidden states and heads)  (token or sequence)
 
 Every loss takes a required ``normalizer`` keyword; registries map names to functions (``DPO_LOSSES``,
 ``POLICY_LOSSES``, ``ADVANTAGES``, ``AGGREGATIONS``, ``KL_ESTIMATORS``, ...).
@@ -20,6 +22,14 @@ from alignkit.losses.advantages import (
     rloo_advantages,
 )
 from alignkit.losses.aggregation import AGGREGATIONS, aggregate
+from alignkit.losses.distill import (
+    chunked_generalized_jsd_loss,
+    chunked_token_divergence,
+    forward_kl_loss,
+    generalized_jsd_loss,
+    reverse_kl_loss,
+    sparse_divergence_loss,
+)
 from alignkit.losses.policy import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
@@ -59,8 +69,12 @@ __all__ = [
     "aggregate_step_scores",
     "bco_loss",
     "bradley_terry_loss",
+    "chunked_generalized_jsd_loss",
+    "chunked_token_divergence",
     "cpo_loss",
     "dpo_loss",
+    "forward_kl_loss",
+    "generalized_jsd_loss",
     "grpo_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
@@ -72,9 +86,11 @@ __all__ = [
     "prm_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
+    "reverse_kl_loss",
     "reward_loss",
     "rloo_advantages",
     "rollout_is_weights",
     "sft_loss",
     "simpo_loss",
+    "sparse_divergence_loss",
 ]

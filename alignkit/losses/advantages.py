@@ -23,6 +23,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "turn_advantages",
 ]
 
 Rewards = Tensor | Sequence[float | None] | Sequence[Sequence[float | None]]
@@ -240,6 +241,35 @@ def reinforce_pp_baseline_advantages(
 
 
 #: name -> advantage estimator; every one returns ``(advantages, metrics)``.
+@torch.no_grad()
+def turn_advantages(
+    turn_rewards: Tensor, *, group_size: int | None = None, group_index: Tensor | None = None, eps: float = 1e-4
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Turn-level advantages of multi-turn rollouts whose turns are scored one by one (docs/LOSSES.md §7.1).
+
+    ``turn_rewards [N,T]``: rollout i's reward for its assistant turn t (NaN where the rollout has no turn t).
+    Each turn's return is the sum of the rewards from it to the end, ``g_{i,t} = Σ_{t'≥t} r_{i,t'}``; it is
+    normalised over every turn of the rollout's group, ``A_{i,t} = (g_{i,t} − μ_g)/(σ_g + eps)`` (σ_g the unbiased
+    std over the group's present turns; a group with fewer than two turns or no spread gives 0). Absent turns get 0.
+    The loops add ``turn_advantage_coef · A_{i,t}`` to the outcome advantage of every token of turn t.
+    Returns ``(A [N,T], metrics)``.
+    """
+    r = _as_rewards(turn_rewards)
+    if r.dim() != 2:
+        raise ValueError(f"turn_rewards must be [N, T], got shape {tuple(r.shape)}")
+    present = ~torch.isnan(r)
+    # reward-to-go over the present turns: a reversed cumulative sum with absent turns as 0
+    g = torch.flip(torch.cumsum(torch.flip(torch.where(present, r, 0.0), [1]), 1), [1])
+    g = torch.where(present, g, torch.nan)
+    gid, n_groups = _group_ids(r.shape[0], group_size, group_index, r.device)
+    flat_gid = gid.unsqueeze(1).expand_as(r).reshape(-1)
+    mean, std, _, flat = _group_stats(g.reshape(-1, 1), flat_gid, n_groups, True)
+    mu, sigma, flat_row = mean[gid, 0].unsqueeze(1), std[gid, 0].unsqueeze(1), flat[gid, 0].unsqueeze(1)
+    A = torch.where(present & ~flat_row, (g - mu) / (sigma + eps), 0.0)
+    n = present.sum().clamp(min=1)
+    return A, {"turn_advantage_abs_mean": (A.abs() * present).sum() / n, "turn_return_mean": torch.nansum(g) / n}
+
+
 ADVANTAGES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
     "grpo": grpo_advantages,
     "rloo": rloo_advantages,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import importlib
 import inspect
 import logging
 import math
@@ -45,6 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from alignkit.config import import_object
 from alignkit.errors import RewardFailedError
 
 __all__ = [
@@ -91,25 +91,6 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardFunc]], Callable
     return deco
 
 
-def _import_object(path: str) -> Any:
-    """``pkg.mod:attr.sub`` or ``pkg.mod.attr`` -> the object."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r} is not a dotted path like 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"reward {path!r}: cannot import module {module_name!r} ({e})") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise AttributeError(f"reward {path!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def get_reward(spec: str | RewardFunc, **kwargs: Any) -> RewardFunc:
     """A reward function by built-in name (``"math_answer"``, ``"format"``, ``"overlong"``, ...), by dotted path
     (``"package.module:function"`` or ``"package.module.function"``), or a callable passed through.
@@ -125,7 +106,7 @@ def get_reward(spec: str | RewardFunc, **kwargs: Any) -> RewardFunc:
         return REWARDS[spec](**kwargs)
     if "." not in spec and ":" not in spec:
         raise KeyError(f"unknown reward {spec!r}: built-ins are {sorted(REWARDS)}; or pass 'package.module:function'")
-    obj = _import_object(spec)
+    obj = import_object(spec, "reward")
     if kwargs:
         obj = obj(**kwargs)
     if not callable(obj):

@@ -78,6 +78,9 @@ class WorkerSpec:
     max_steps: int
     threads: int
     cores: list[int] = field(default_factory=list)
+    # multi-turn tool rollouts: generate_and_score's tool_use / chat_format / switches (picklable: module-level
+    # tools and environment classes), {} for single-turn rounds
+    tool_round: dict[str, Any] = field(default_factory=dict)
 
 
 def split_cores(n_workers: int, threads: int | None = None) -> tuple[list[int], list[list[int]], int]:
@@ -94,8 +97,9 @@ def _serve(index: int, generator: Any, spec: WorkerSpec, requests: Any, results:
            gone: Callable[[], bool]) -> None:  # fmt: skip
     """A worker's loop: take a request, bring the weights up to date (``take_weights`` -> the version it holds),
     generate and score the round, send it. ``gone()``: the trainer is no more (stop)."""
+    tool_columns = {"trajectory", "environment_reward"} if spec.tool_round else set()
     rewards = RewardSet(spec.reward_funcs, spec.reward_weights, max_failed_steps=spec.max_reward_failures,
-                        columns={k for p in spec.prompts for k in p.columns})  # fmt: skip
+                        columns={k for p in spec.prompts for k in p.columns} | tool_columns)  # fmt: skip
     idle_from = time.perf_counter()
     while True:
         try:
@@ -113,11 +117,13 @@ def _serve(index: int, generator: Any, spec: WorkerSpec, requests: Any, results:
             scored = generate_and_score(generator=generator, tokenizer=spec.tokenizer,
                                         prompts=[spec.prompts[i] for i in req.indices], rewards=rewards,
                                         group_size=spec.group_size, sampling=spec.sampling, stops=spec.stops,
-                                        seed=req.seeds)  # fmt: skip
+                                        seed=req.seeds, **spec.tool_round)  # fmt: skip
             scored.version = version
             # plain lists, not tensors: a tensor would travel as a file descriptor fetched from this process,
             # which fails if it dies before the trainer reads the message
             scored.rewards = scored.rewards.tolist()
+            if scored.turn_rewards is not None:
+                scored.turn_rewards = scored.turn_rewards.tolist()
             results.put(("ok", index, req.id, scored, started - idle_from, time.perf_counter()))
         except BaseException as e:  # noqa: BLE001 - the trainer raises it, naming this worker
             results.put(("error", index, req.id, type(e).__name__, traceback.format_exc()))
@@ -320,6 +326,8 @@ class AsyncRollouts:
             raise cls(f"rollout worker {worker} (pid {self.procs[worker].pid}) failed on a round: {tb}")
         scored, idle, finished_at = msg[3], msg[4], msg[5]
         scored.rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+        if scored.turn_rewards is not None:
+            scored.turn_rewards = torch.tensor(scored.turn_rewards, dtype=torch.float32)
         self.idle[worker] += idle
         if entry is not None and self.asked.get(entry[1].round) == req_id:  # not superseded by a re-request
             self.ready[entry[1].round] = (scored, finished_at)  # perf_counter is system-wide (CLOCK_MONOTONIC)

@@ -26,7 +26,7 @@ from alignkit.scoring import completion_mask
 
 __all__ = [
     "RolloutBatch", "ScoredRollouts", "generate_and_score", "prepare_round", "make_round", "score_completions",
-    "sample_rows", "completion_length_metrics", "evaluate_rewards",
+    "sample_rows", "completion_length_metrics", "evaluate_rewards", "environment_reward",
 ]  # fmt: skip
 
 #: ``(prompt_ids, completion_ids, images) -> [N, L_max]`` no-grad log-probs (e.g. a partial of
@@ -47,8 +47,16 @@ class RolloutBatch:
     ref_logps: Tensor | None  # [N, L], for the in-loss KL
     is_weights: Tensor | None  # [N, L] rollout IS weights
     metrics: dict[str, float]
-    rewards: Tensor | None = None  # [N, K] each reward function's value (NaN: not applicable), before any KL
+    rewards: Tensor | None = None  # [R, K] each rollout's reward per function (NaN: not applicable), before any KL
     images: list[Any] | None = None  # [N] each row's prompt images (a vision-language round), else None
+    # [N] the rollout of each row (tool rollouts: a fork gives a rollout several rows); None: row i is rollout i
+    rollout_index: list[int] | None = None
+
+    def rows_of(self, rollouts: range) -> list[int]:
+        """The rows of the rollouts ``rollouts`` (a contiguous range: whole groups), in order."""
+        if self.rollout_index is None:
+            return list(rollouts)
+        return [i for i, r in enumerate(self.rollout_index) if r in rollouts]
 
 
 def sample_rows(batch: RolloutBatch, tokenizer: Any, reward_names: Sequence[str], n: int) -> list[dict[str, Any]]:
@@ -56,11 +64,16 @@ def sample_rows(batch: RolloutBatch, tokenizer: Any, reward_names: Sequence[str]
     it, the completion, each reward, the advantage and the length; for RUN_DIR/completions.jsonl and tables."""
     rows = []
     for i in range(min(n, len(batch.completion_ids))):
+        # a tool rollout's completion shows the tool results between the model's turns, special tokens included
+        tools = batch.rollout_index is not None
         row = {"prompt": tokenizer.decode(batch.prompt_ids[i]),
-               "completion": tokenizer.decode(batch.completion_ids[i], skip_special_tokens=True)}  # fmt: skip
+               "completion": tokenizer.decode(batch.completion_ids[i], skip_special_tokens=not tools)}  # fmt: skip
         if batch.rewards is not None:
-            row.update({f"rewards/{name}": float(batch.rewards[i, k]) for k, name in enumerate(reward_names)})
-        row.update(advantage=float(batch.advantages[i]), length=len(batch.completion_ids[i]))
+            r = batch.rollout_index[i] if tools else i
+            row.update({f"rewards/{name}": float(batch.rewards[r, k]) for k, name in enumerate(reward_names)})
+        adv = batch.advantages[i]
+        row.update(advantage=float(adv if adv.dim() == 0 else adv[batch.cmask[i]].mean()),
+                   length=len(batch.completion_ids[i]))  # fmt: skip
         rows.append(row)
     return rows
 
@@ -102,6 +115,61 @@ class ScoredRollouts:
     metrics: dict[str, Any]  # the RewardSet's metrics, gen_time_s, reward_time_s
     version: int = 0
     images: list[Any] | None = None  # [N] each row's prompt images (a vision-language round), else None
+    # tool rollouts (alignkit.rollout.multi_turn): rows are training rows, rewards are per rollout
+    trained: list[list[bool]] | None = None  # per completion token: the model's own (False: tool results, glue)
+    rollout_index: list[int] | None = None  # [N] each row's rollout
+    turn: list[list[int]] | None = None  # per completion token: the model turn it belongs to (-1: glue)
+    turn_rewards: Tensor | None = None  # [R, T] per-turn environment rewards (NaN: no such turn), or None
+
+
+def _turn_reward_table(rewards: Sequence[Any]) -> Tensor | None:
+    """[R, T] from the environments' rewards when at least one scored each turn (a list); else None."""
+    lists = [r for r in rewards if isinstance(r, (list, tuple))]
+    if not lists:
+        return None
+    width = max(len(r) for r in lists)
+    table = torch.full((len(rewards), max(width, 1)), float("nan"))
+    for i, r in enumerate(rewards):
+        if isinstance(r, (list, tuple)):
+            table[i, : len(r)] = torch.tensor([float("nan") if v is None else float(v) for v in r])
+    return table
+
+
+def environment_reward(*, environment_reward: list[Any], **kwargs: Any) -> list[float | None]:
+    """The reward an environment gave its rollout (``reward()``): a float, or the sum of its per-turn rewards
+    (whose turn-level part enters through ``turn_advantages``); None when the environment has no reward."""
+    out = []
+    for r in environment_reward:
+        if isinstance(r, (list, tuple)):
+            r = sum(float(v) for v in r if v is not None)
+        out.append(None if r is None else float(r))
+    return out
+
+
+def _tool_round(generator: Generator, tokenizer: Any, prompts: list[Prompt], rewards: RewardSet, group_size: int,
+                sampling: Mapping[str, Any], stops: list[int], seed: int | Sequence[int], tool_use: Any,
+                chat_format: Any, switches: Mapping[str, Any]) -> ScoredRollouts:  # fmt: skip
+    from alignkit.rollout.base import prompt_seeds
+    from alignkit.rollout.multi_turn import tool_rollouts
+
+    G = group_size
+    t0 = time.perf_counter()
+    seeds = prompt_seeds(seed, len(prompts), G)
+    ro = tool_rollouts(generator, tokenizer, chat_format, prompts, tool_use, n=G, sampling=sampling, stops=stops,
+                       seeds=seeds if seeds is not None else [0] * len(prompts), switches=switches)  # fmt: skip
+    t_gen = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rep = [p for p in prompts for _ in range(G)]
+    columns = {k: [p.columns.get(k) for p in rep] for k in {k for p in prompts for k in p.columns}}
+    columns.update(trajectory=ro.trajectories, environment_reward=ro.environment_rewards)
+    R, reward_metrics = rewards([p.prompt for p in rep], ro.texts, ro.last_ids, **columns)
+    metrics = {k: _num(v) for k, v in reward_metrics.items()}
+    metrics.update(ro.metrics, gen_time_s=t_gen, reward_time_s=time.perf_counter() - t1)
+    finished = [ro.finished[r] for r in ro.rollout_index]
+    return ScoredRollouts(ro.prompt_ids, ro.completion_ids, ro.sampler_logps, finished,
+                          R.detach().float().reshape(len(rep), -1).cpu(), metrics, trained=ro.trained,
+                          rollout_index=ro.rollout_index, turn=ro.turn,
+                          turn_rewards=_turn_reward_table(ro.environment_rewards))  # fmt: skip
 
 
 def generate_and_score(
@@ -114,9 +182,19 @@ def generate_and_score(
     sampling: Mapping[str, Any],
     stops: list[int],
     seed: int | Sequence[int],
+    tool_use: Any = None,
+    chat_format: Any = None,
+    switches: Mapping[str, Any] | None = None,
 ) -> ScoredRollouts:
     """Sample ``group_size`` completions per prompt (``sampling``: ``max_new_tokens, temperature, top_p,
-    top_k``) and score them with the reward functions."""
+    top_k``) and score them with the reward functions.
+
+    With ``tool_use`` (an :class:`alignkit.rollout.multi_turn.ToolUse`), each completion is a multi-turn tool
+    rollout rendered by ``chat_format`` (with the format's ``switches``); rewards then also get the ``trajectory``
+    column (the whole conversation) and ``environment_reward`` (what each rollout's environment scored)."""
+    if tool_use is not None:
+        return _tool_round(generator, tokenizer, prompts, rewards, group_size, sampling, stops, seed, tool_use,
+                           chat_format, switches or {})  # fmt: skip
     G = group_size
     t0 = time.perf_counter()
     images = [p.images for p in prompts] if any(p.images for p in prompts) else None
@@ -149,6 +227,7 @@ def prepare_round(
     rollout_is: Mapping[str, Any] | None = None,
     mask_truncated: bool = False,
     sampler_as_old: bool = False,
+    turn_advantage: tuple[int, float] | None = None,
 ) -> RolloutBatch:
     """The trainer-side passes of a scored round: old-policy and reference log-probs, KL folded into the reward
     (optional), advantages, trainer-vs-sampler IS weights (optional).
@@ -158,13 +237,18 @@ def prepare_round(
             for rollout IS and for KL in the reward); None = on-policy.
         sampler_as_old: the sampler's log-probs are the old policy (async "bypass": the samples may be a few
             versions old, the PPO ratio is then against the policy that sampled them).
+        turn_advantage: ``(group_size, coef)``: tool rollouts whose environments scored each turn add
+            ``coef · turn_advantages`` to the outcome advantage of each turn's tokens (``A`` becomes ``[N, L]``).
         Others as in :func:`make_round`.
     """
     comp = scored.completion_ids
     lengths = [len(c) for c in comp]
-    cm = completion_mask(lengths)
-    sampler = torch.zeros(cm.shape)
-    sampler[cm] = torch.tensor([x for lp in scored.sampler_logps for x in lp], dtype=torch.float32)
+    filled = completion_mask(lengths)
+    sampler = torch.zeros(filled.shape)
+    sampler[filled] = torch.tensor([x for lp in scored.sampler_logps for x in lp], dtype=torch.float32)
+    cm = filled.clone()
+    if scored.trained is not None:  # tool results and the template's glue: never trained, in no ratio or count
+        cm[filled] = torch.tensor([t for row in scored.trained for t in row], dtype=torch.bool)
     R, metrics = scored.rewards, dict(scored.metrics)
 
     old = old_logps_fn(scored.prompt_ids, comp, scored.images) if old_logps_fn is not None else None
@@ -176,12 +260,22 @@ def prepare_round(
             raise ValueError("KL in the reward needs both the old-policy and the reference log-probs")
         # one summed reward minus kl_coef · Σ_t k(old, ref): the KL of the policy that sampled the sequence
         kl_coef, kind = kl_in_reward
-        total, klm = kl_penalized_rewards(rewards.weighted_sum(R), old, ref, cm, kl_coef=kl_coef, kind=kind)
+        summed = rewards.weighted_sum(R)
+        if scored.rollout_index is not None:  # a tool rollout's KL: the sum over its rows' model tokens
+            row_penalty, klm = kl_penalized_rewards(torch.zeros(len(comp)), old, ref, cm, kl_coef=kl_coef, kind=kind)
+            idx = torch.tensor(scored.rollout_index, dtype=torch.long)
+            total = summed + torch.zeros_like(summed).index_add(0, idx, row_penalty.to(summed.dtype))
+        else:
+            total, klm = kl_penalized_rewards(summed, old, ref, cm, kl_coef=kl_coef, kind=kind)
         R, weights = total.unsqueeze(1), None
         metrics.update({f"kl_reward/{k}": float(v) for k, v in klm.items()})
     else:
         weights = rewards.weights
     A, adv_metrics = advantage_fn(R, weights)
+    if scored.rollout_index is not None:  # per rollout -> per row (and per token with turn-level rewards)
+        A = A[torch.tensor(scored.rollout_index, dtype=torch.long)]
+        if scored.turn_rewards is not None and turn_advantage is not None:
+            A = _with_turn_advantages(A, scored, cm, *turn_advantage, adv_metrics)
     # one name per quantity: the mean of the summed rewards is the RewardSet's `reward`, unless KL was folded in
     reward_mean = adv_metrics.pop("reward_mean", None)
     if kl_in_reward is not None and reward_mean is not None:
@@ -209,7 +303,25 @@ def prepare_round(
     )
     ref_in_loss = ref if kl_in_reward is None else None
     return RolloutBatch(scored.prompt_ids, comp, cm, A.float(), keep, old, ref_in_loss, is_w, metrics, scored.rewards,
-                        images=scored.images)  # fmt: skip
+                        images=scored.images, rollout_index=scored.rollout_index)  # fmt: skip
+
+
+def _with_turn_advantages(
+    A: Tensor, scored: ScoredRollouts, cm: Tensor, group_size: int, coef: float, metrics: dict[str, Tensor]
+) -> Tensor:
+    """``A [N]`` per row -> ``[N, L]``: each trained token of turn t also gets ``coef · A_turn[rollout, t]``."""
+    from alignkit.losses.advantages import turn_advantages
+
+    A_turn, turn_metrics = turn_advantages(scored.turn_rewards, group_size=group_size)
+    metrics.update(turn_metrics)
+    turn = torch.full(cm.shape, -1, dtype=torch.long)
+    filled = completion_mask([len(t) for t in scored.turn])
+    turn[filled] = torch.tensor([t for row in scored.turn for t in row], dtype=torch.long)
+    rollout = torch.tensor(scored.rollout_index, dtype=torch.long).unsqueeze(1).expand_as(turn)
+    width = A_turn.shape[1]
+    per_token = A_turn[rollout, turn.clamp(0, width - 1)]
+    per_token = torch.where((turn >= 0) & (turn < width) & cm, per_token, 0.0)
+    return A.unsqueeze(1) + coef * per_token
 
 
 def make_round(
@@ -228,6 +340,10 @@ def make_round(
     kl_in_reward: tuple[float, str] | None = None,
     rollout_is: Mapping[str, Any] | None = None,
     mask_truncated: bool = False,
+    tool_use: Any = None,
+    chat_format: Any = None,
+    switches: Mapping[str, Any] | None = None,
+    turn_advantage_coef: float = 1.0,
 ) -> RolloutBatch:
     """Generate, score and prepare one round (everything the optimizer steps of the round need):
     :func:`generate_and_score`, then :func:`prepare_round`.
@@ -241,12 +357,16 @@ def make_round(
         kl_in_reward: ``(kl_coef, kind)``: fold ``kl_coef·Σ_t k(old, ref)`` into one summed reward.
         rollout_is: keyword arguments of ``losses.policy.rollout_is_weights`` (``mode`` included); None = off.
         mask_truncated: completions cut at ``max_new_tokens`` add nothing to the loss.
+        tool_use, chat_format, switches: multi-turn tool rollouts (see :func:`generate_and_score`).
+        turn_advantage_coef: weight of the turn-level advantages when environments score each turn.
     """
     scored = generate_and_score(generator=generator, tokenizer=tokenizer, prompts=prompts, rewards=rewards,
-                                group_size=group_size, sampling=sampling, stops=stops, seed=seed)  # fmt: skip
+                                group_size=group_size, sampling=sampling, stops=stops, seed=seed, tool_use=tool_use,
+                                chat_format=chat_format, switches=switches)  # fmt: skip
+    turns = (group_size, turn_advantage_coef) if tool_use is not None else None
     return prepare_round(scored, rewards=rewards, advantage_fn=advantage_fn, old_logps_fn=old_logps_fn,
                          reference_logps_fn=reference_logps_fn, kl_in_reward=kl_in_reward, rollout_is=rollout_is,
-                         mask_truncated=mask_truncated)  # fmt: skip
+                         mask_truncated=mask_truncated, turn_advantage=turns)  # fmt: skip
 
 
 def completion_length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:

@@ -90,16 +90,20 @@ class _Call(threading.Thread):
 
 def run_tool_calls(
     calls: Sequence[ToolCall],
-    tools: Mapping[str, Callable[..., Any]],
+    tools: Mapping[str, Callable[..., Any]] | Sequence[Mapping[str, Callable[..., Any]]],
     *,
     timeout_s: float = 30.0,
     max_output_chars: int = 4096,
 ) -> list[ToolResult]:
-    """Run ``calls`` (parsed by :func:`alignkit.tools.parse_tool_calls`) with ``tools`` (name -> callable), all at
+    """Run ``calls`` (parsed by :func:`alignkit.tools.parse_tool_calls`) with ``tools`` (name -> callable; or one
+    such mapping per call, when the calls of several rollouts with their own environments run together), all at
     once, each within ``timeout_s`` seconds of the start; results in the calls' order."""
     t0 = time.perf_counter()
+    per_call = [tools] * len(calls) if isinstance(tools, Mapping) else list(tools)
+    if len(per_call) != len(calls):
+        raise ValueError(f"{len(per_call)} tool mappings for {len(calls)} calls: give one mapping, or one per call")
     running: list[_Call | ToolResult] = []
-    for c in calls:
+    for c, tools in zip(calls, per_call):
         fn = tools.get(c["name"])
         if fn is None:
             msg = f"Error: there is no tool {c['name']!r}; the tools are {sorted(tools)}."

@@ -4,7 +4,7 @@ chat format and tokenized.
 
     traj = Trajectory.start(fmt, tokenizer, prompt_messages, switches={"tools": schemas})
     ids = traj.ids                                   # the first prompt, what the engine continues
-    traj.add_model_turn(generated_ids, message)      # the sampled tokens (trained) and the parsed assistant message
+    traj.add_model_turn(generated_ids, message, logps)  # the sampled tokens (trained), their parsed message
     traj.add_tool_results([{"role": "tool", "content": ...}, ...])   # rendered glue appended (never trained)
     rows = traj.rows()                               # [(input_ids, trained mask, turn index per token)]
 
@@ -19,6 +19,7 @@ it just differs from one render of the whole conversation.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,17 +29,27 @@ __all__ = ["Trajectory", "TrajectoryRow"]
 
 @dataclass
 class TrajectoryRow:
-    """One training row: ``input_ids``, ``trained`` (True on the model's own tokens) and ``turn`` (the model turn a
-    trained token belongs to, -1 elsewhere), all of equal length."""
+    """One training row: ``input_ids``, ``trained`` (True on the model's own tokens), ``turn`` (the model turn a
+    trained token belongs to, -1 elsewhere) and ``logps`` (the sampler's log-prob of a trained token, 0.0
+    elsewhere), all of equal length."""
 
     input_ids: list[int] = field(default_factory=list)
     trained: list[bool] = field(default_factory=list)
     turn: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
 
-    def extend(self, ids: Sequence[int], trained: bool, turn: int = -1) -> None:
+    def extend(self, ids: Sequence[int], trained: bool, turn: int = -1, logps: Sequence[float] | None = None) -> None:
+        if logps is not None and len(logps) != len(ids):
+            raise ValueError(f"{len(logps)} log-probs for {len(ids)} tokens")
         self.input_ids += list(ids)
         self.trained += [trained] * len(ids)
         self.turn += [turn if trained else -1] * len(ids)
+        self.logps += [float(x) for x in logps] if logps is not None else [0.0] * len(ids)
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first trained one: the row's prompt (all of it when nothing is trained)."""
+        return next((i for i, t in enumerate(self.trained) if t), len(self.trained))
 
 
 @dataclass
@@ -77,11 +88,14 @@ class Trajectory:
         """The current row's tokens: what the engine continues from."""
         return self.row.input_ids
 
-    def add_model_turn(self, generated_ids: Sequence[int], message: Mapping[str, Any]) -> None:
-        """The model's sampled tokens (kept as they are, trained) and the assistant message they were parsed into
-        (content and ``tool_calls``), which later renders of the conversation show."""
+    def add_model_turn(
+        self, generated_ids: Sequence[int], message: Mapping[str, Any], logps: Sequence[float] | None = None
+    ) -> None:
+        """The model's sampled tokens (kept as they are, trained), the assistant message they were parsed into
+        (content and ``tool_calls``), which later renders of the conversation show, and the sampler's log-probs of
+        the tokens (None: 0.0)."""
         self.messages.append(dict(message))
-        self.row.extend(generated_ids, trained=True, turn=self.turns)
+        self.row.extend(generated_ids, trained=True, turn=self.turns, logps=logps)
         r = self.fmt.render(self.messages, add_generation_prompt=False, **self.switches)
         end = _turn_end(r, len(self.messages) - 1)
         sampled = self.tokenizer.decode(list(generated_ids))
@@ -111,6 +125,20 @@ class Trajectory:
         self.row.extend(self._encode(self.tokenizer, full), trained=False)
         self.text = full
         return list(self.row.input_ids)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state to :meth:`restore` (a tool turn rolled back when its result would not fit)."""
+        keys = ("messages", "text", "done_rows", "row", "turns", "forks", "rewrites", "mismatches")
+        return copy.deepcopy({k: getattr(self, k) for k in keys})
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    @property
+    def completion_length(self) -> int:
+        """Tokens of the current row after its prompt (model turns and the glue between them)."""
+        return len(self.row.input_ids) - self.row.prompt_length
 
     def rows(self) -> list[TrajectoryRow]:
         """Every training row: the finished ones (before forks) and the current one."""
