@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 U = lambda s: {"role": "user", "content": s}  # noqa: E731
 A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
@@ -42,6 +43,21 @@ def loop_config(cls: type, tmp_path: Path, name: str, **kw):  # noqa: ANN201
         progress=False,
     )
     return cls(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny tensors and models gain nothing from more, and on a busy 2-core box
+    the threads' synchronisation costs 10-25x. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(a, b, atol: float = 1e-5, rtol: float = 1e-4) -> None:  # noqa: ANN001
+    """``assert_close`` in float64 at the loss tests' tolerances (docs/LOSSES.md §9: atol 1e-5, rtol 1e-4)."""
+    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from alignkit.losses.distill import (
     sequence_token_weights,
     token_divergence,
 )
+from tests.conftest import close
 
 ATOL, RTOL = 1e-5, 1e-4
 PROP = settings(max_examples=30, deadline=None)
@@ -37,16 +38,7 @@ taus = st.one_of(st.just(1.0), st.floats(0.3, 3.0))
 levels = st.sampled_from(["token", "sequence"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b, atol=ATOL, rtol=RTOL):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

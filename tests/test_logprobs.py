@@ -30,13 +30,7 @@ ATOL, RTOL = 1e-5, 1e-4
 FLOAT_OUTS = ("logps", "entropy", "log_sum_sq_probs", "mean_logp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation on a busy 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(a, b, atol=ATOL, rtol=RTOL):

@@ -34,6 +34,7 @@ from alignkit.losses.unpaired import (
     update_bco_state,
 )
 from alignkit.ops import split_pairs
+from tests.conftest import close
 
 PROPS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4
@@ -41,17 +42,7 @@ REF_TYPES = [t for t in DPO_LOSSES if t not in ("aot", "aot_unpaired")]  # decom
 F_OK = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (25x slower on a busy 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b, atol=ATOL, rtol=RTOL):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def floats(lo, hi):

@@ -120,13 +120,15 @@ def test_worked_example_runs(loop, tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(CONFIGS[loop])
     swapped = [f"model={_tiny_model(tmp_path / 'model')}", f"dataset={data}", f"output_dir={tmp_path / 'run'}",
                "max_steps=2", "progress=false", "report_to=[]"]  # fmt: skip
-    if loop in ("sft", "dpo", "kto", "reward", "grpo", "rloo", "online-dpo"):
+    if loop == "distill":  # a teacher of the same tokenizer: the same tiny model
+        swapped += [f"teacher_model={tmp_path / 'model'}", "max_new_tokens=8", "batch_size=2"]
+    if loop in ("sft", "dpo", "kto", "reward", "grpo", "rloo", "online-dpo", "distill"):
         swapped.append("chat_format=chatml")  # the byte tokenizer has no template to detect
     if loop in ("grpo", "rloo"):
         swapped += ["max_new_tokens=8", "prompts_per_step=2", "group_size=4"]
     elif loop == "online-dpo":
         swapped += ["max_new_tokens=8", "prompts_per_step=2", "num_generations=2"]
-    else:
+    elif loop != "distill":  # the online loops and distill have no grad_accum key
         swapped.append("grad_accum=1")
     if loop == "sft":
         swapped.append("max_length=256")

@@ -24,13 +24,7 @@ TOK = byte_tokenizer()
 PAD = TOK.pad_token_id  # == eos id in the byte tokenizer: plain rows END with the pad id
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models this small gain nothing from intra-op threads, and on shared cores the waits cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw):  # noqa: ANN201

@@ -18,21 +18,12 @@ from alignkit.losses.reward import (
     prm_loss,
     reward_loss,
 )
+from tests.conftest import close
 
 PROPS = settings(max_examples=40, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation on a busy 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b, atol=1e-5, rtol=1e-4):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def floats(lo, hi):

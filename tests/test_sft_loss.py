@@ -12,21 +12,13 @@ from alignkit.logprobs import chunked_token_logps
 from alignkit.losses import SFT_KINDS, sft_loss
 from alignkit.ops import count_tokens, segment_sum
 from alignkit.scoring import model_token_logps
+from tests.conftest import close
 
 PROPS = settings(max_examples=40, deadline=None)
 ATOL, RTOL = 1e-5, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b, atol=ATOL, rtol=RTOL):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

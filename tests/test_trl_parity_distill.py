@@ -42,25 +42,14 @@ from alignkit.losses.distill import (  # noqa: E402
     generalized_jsd_loss,
     sparse_divergence_loss,
 )
+from tests.conftest import close  # noqa: E402
 
-pytestmark = pytest.mark.trl
+pytestmark = [pytest.mark.trl, pytest.mark.usefixtures("one_thread")]
 
 ATOL, RTOL = 1e-5, 1e-4
 BETAS = [0.0, 0.3, 0.5, 1.0]
 TAUS = [0.7, 1.0, 2.0]
 B, T, V, H, HT = 3, 5, 23, 8, 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=ATOL, rtol=RTOL)
 
 
 def batch(seed: int = 0):

@@ -46,8 +46,9 @@ from alignkit.losses.preference import (  # noqa: E402
 from alignkit.losses.reward import bradley_terry_loss  # noqa: E402
 from alignkit.losses.unpaired import kto_loss, kto_reference_point  # noqa: E402
 from alignkit.ops import split_pairs  # noqa: E402
+from tests.conftest import close  # noqa: E402
 
-pytestmark = pytest.mark.trl
+pytestmark = [pytest.mark.trl, pytest.mark.usefixtures("one_thread")]
 
 TRL_DPO_TYPES = [
     "sigmoid",
@@ -67,18 +68,6 @@ TRL_DPO_TYPES = [
     "sigmoid_norm",
 ]
 F_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a, b, atol=1e-5, rtol=1e-4):
-    torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=atol, rtol=rtol)
 
 
 class FakeAccelerator:

@@ -350,9 +350,10 @@ def test_grpo_over_vllm_raises_reward(colocate, trainer, tok, tmp_path):
     assert max(mismatch) < TOL, mismatch
 
 
-def test_a_multi_turn_tool_rollout_has_the_same_layout_on_vllm_as_on_hf(colocate, tok, tmp_path):
-    """A model that learnt one tool trace by heart makes the same two-turn rollout on vLLM colocate and on HF
-    generate: the same prompt, model and glue tokens, the same trained mask and turns, and matching log-probs
+@pytest.mark.parametrize("engine", ["colocate", "ready_server"])
+def test_a_multi_turn_tool_rollout_has_the_same_layout_on_vllm_as_on_hf(engine, request, tok, tmp_path):
+    """A model that learnt one tool trace by heart makes the same two-turn rollout on vLLM (colocate, server) and on
+    HF generate: the same prompt, model and glue tokens, the same trained mask and turns, and matching log-probs
     (token ids in, token ids out on both, the glue rendered by our templates)."""
     from alignkit import templates
     from alignkit.config import build_config
@@ -384,11 +385,12 @@ def test_a_multi_turn_tool_rollout_has_the_same_layout_on_vllm_as_on_hf(colocate
     tool_use = ToolUse({"double": double}, schemas_in_prompt=False, max_completion_length=MAX_LEN - 40)
     stops = [tok.convert_tokens_to_ids("<|im_end|>")]
     kw = dict(n=2, sampling={"max_new_tokens": 80, "temperature": 0.05}, stops=stops, seeds=[3])
+    vllm_engine = request.getfixturevalue(engine)
     try:
-        colocate.update_weights(model)
-        on_vllm = tool_rollouts(colocate, tok, fmt, prompts, tool_use, **kw)
+        vllm_engine.update_weights(model)
+        on_vllm = tool_rollouts(vllm_engine, tok, fmt, prompts, tool_use, **kw)
     finally:
-        colocate.update_weights(build_tiny_model(_config(tok), seed=0))  # the module's other tests start from seed 0
+        vllm_engine.update_weights(build_tiny_model(_config(tok), seed=0))  # the other tests start from seed 0
     model.eval()
     with torch.no_grad():
         on_hf = tool_rollouts(HFGenerator(model, tok.pad_token_id), tok, fmt, prompts, tool_use, **kw)

@@ -82,6 +82,13 @@ class DPOConfig(OfflineConfig, ReferenceBlock):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def dpo_options(cfg: Any) -> dict[str, Any]:  # noqa: ANN401 - a DPOConfig or an OnlineDPOConfig
+    """The ``dpo_loss`` keywords a config sets (the offline and the online DPO loops share them)."""
+    keys = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence", "f_alpha", "discopop_tau",
+            "ipo_length_normalize")  # fmt: skip
+    return {k: getattr(cfg, k) for k in keys}
+
+
 def _dpo(cfg: DPOConfig, pol: dict, ref: torch.Tensor, n_pairs: float, n_chosen_tok: float):  # noqa: ANN202
     pc, pr = split_pairs(pol["ld_sum"] if cfg.ld_alpha is not None else pol["sum"])
     rc, rr = split_pairs(ref)
@@ -95,16 +102,9 @@ def _dpo(cfg: DPOConfig, pol: dict, ref: torch.Tensor, n_pairs: float, n_chosen_
         pr,
         rc,
         rr,
-        loss_type=cfg.loss_type,
-        loss_weights=cfg.loss_weights,
-        beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing,
-        f_divergence=cfg.f_divergence,
-        f_alpha=cfg.f_alpha,
-        discopop_tau=cfg.discopop_tau,
+        **dpo_options(cfg),
         chosen_lengths=n_c,
         rejected_lengths=n_r,
-        ipo_length_normalize=cfg.ipo_length_normalize,
         pair_weights=weights,
         sft_logps=split_pairs(pol["sum"])[0],  # the sft term is never LD-reduced
         sft_normalizer=n_chosen_tok,

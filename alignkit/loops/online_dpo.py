@@ -42,6 +42,7 @@ from alignkit.data.loading import load_rows
 from alignkit.data.prompts import Prompt, load_prompts, round_prompts
 from alignkit.loops import common
 from alignkit.loops.config import DatasetBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
+from alignkit.loops.dpo import dpo_options
 from alignkit.losses.preference import F_DIVERGENCES, LOSS_TYPES, dpo_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import load_model_and_tokenizer, pad_token_id
@@ -314,16 +315,9 @@ def pair_loss(
         pr,
         rc,
         rr,
-        loss_type=cfg.loss_type,
-        loss_weights=cfg.loss_weights,
-        beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing,
-        f_divergence=cfg.f_divergence,
-        f_alpha=cfg.f_alpha,
-        discopop_tau=cfg.discopop_tau,
+        **dpo_options(cfg),
         chosen_lengths=n_tok[0::2][:take],
         rejected_lengths=n_tok[1::2][:take],
-        ipo_length_normalize=cfg.ipo_length_normalize,
         sft_logps=pc,
         sft_normalizer=n_chosen_tokens,
         normalizer=n_pairs,
