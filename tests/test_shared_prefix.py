@@ -15,7 +15,9 @@ from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops.policy_gradient import RLConfig, micro_loss, round_normalizer
 from alignkit.scoring import completion_logps, model_token_logps, shared_prefix_token_logps
 from tests.test_grpo_loop import _random_batch
-from tests.test_logprobs import _one_thread, tiny_model  # noqa: F401  (_one_thread: autouse fixture)
+from tests.test_logprobs import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def padded_reference(model, prompt, comps, extras=(), temperature=1.0):
