@@ -4,7 +4,8 @@ teacher (a fake in-process server), exact resume, and two ranks equal to one pro
 Learning: a teacher trained on the demo task (as ``alignkit.demo`` does) is distilled on-policy (``lmbda=1``) into a
 fresh, smaller student; it must reach >= 90% held-out exact match. SFT of the same student on the same rows with the
 same step budget, schedule and rows per step is measured beside it (both every 25 steps) and the two step counts are
-reported; on this task distillation is not faster in steps than SFT (recorded, not asserted)."""
+reported; on this task distillation is not faster in steps than SFT: at the best learning rate of each they tie
+(recorded, not asserted)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def records(cfg: DistillConfig, **kw) -> list[dict]:
 # learning: on-policy distillation vs SFT
 # ---------------------------------------------------------------------------------------------------------------
 
-BUDGET, EVERY, THRESHOLD = 300, 25, 0.9
-SCHEDULE = dict(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01, max_steps=BUDGET)
+BUDGET, EVERY, THRESHOLD = 300, 10, 0.9
+# the best of lr 1e-3 / 1.5e-3 / 2e-3 / 3e-3 / 6e-3 for both (measured: 90 steps each at 1.5e-3)
+SCHEDULE = dict(lr=1.5e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01, max_steps=BUDGET)
 
 
 class Reached(Exception):
@@ -97,12 +99,14 @@ def demo_task(tmp_path_factory) -> dict:
 def test_on_policy_distillation_reaches_90_percent(demo_task, tmp_path):
     """Distillation must reach the threshold within the budget; SFT of the same student shape on the same rows is run
     beside it and both step counts are printed (and written to ``comparison.json``). On this task distillation is
-    NOT faster in steps than SFT (see the report printed), so that is recorded, not asserted."""
+    not faster in steps than SFT (both reach 90% at about step 90 at their best settings), so that is recorded, not
+    asserted."""
     assert demo_task["acc"] >= 0.95, demo_task["acc"]
     curves: dict[str, list[tuple[int, float]]] = {"distill": [], "sft": []}
     student = tiny(hidden=128, layers=2)  # half the teacher's depth, fresh weights
-    cfg = config(tmp_path, "distill", lmbda=1.0, beta=0.0, batch_size=64, micro_batch_size=64, max_new_tokens=5,
-                 log_every=1000, keep_last=1, **SCHEDULE)  # fmt: skip
+    # temperature 0.5 (sampling and both distributions): of 0.3 / 0.5 / 1.0 the fastest (T=1 needs ~2x the steps)
+    cfg = config(tmp_path, "distill", lmbda=1.0, beta=0.0, temperature=0.5, batch_size=64, micro_batch_size=64,
+                 max_new_tokens=5, log_every=1000, keep_last=1, **SCHEDULE)  # fmt: skip
     on_distill = evaluator(student, demo_task["eval"], curves["distill"])
     with pytest.raises(Reached):
         train_distill(cfg, model=student, tokenizer=TOK, teacher=demo_task["teacher"], teacher_tokenizer=TOK,
