@@ -21,14 +21,10 @@ from alignkit.loops.grpo import GRPOConfig, train_grpo
 from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout.async_rollout import RolloutWorkerError
+from tests.rl_support import even_first
 
 TOK = byte_tokenizer()
 ROWS = [{"prompt": f"q{i}:"} for i in range(16)]
-
-
-def even_first(prompts, completions, completion_ids, **columns):
-    """1 when the first sampled token id is even (module level: the workers import it)."""
-    return [float(c[0] % 2 == 0) for c in completion_ids]
 
 
 def _model():
@@ -148,7 +144,8 @@ def test_a_killed_trainer_leaves_no_worker(tmp_path):
         textwrap.dedent(f"""
         import multiprocessing, sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from tests.test_async_grpo import ROWS, TOK, _cfg, _model, even_first
+        from tests.rl_support import even_first
+        from tests.test_async_grpo import ROWS, TOK, _cfg, _model
         from alignkit.loops.grpo import train_grpo
 
         def report(step, rec):

@@ -16,29 +16,15 @@ from alignkit.loops.grpo import GRPOConfig, train_grpo
 from alignkit.loops.policy_gradient import RLConfig, micro_loss, round_normalizer
 from alignkit.loops.rloo import RLOOConfig, train_rloo
 from alignkit.metrics import read_metrics
-from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout.round import RolloutBatch
 from alignkit.scoring import completion_mask
 from alignkit.templates import get_format
+from tests.rl_support import PROMPT_ROWS, even_first, tiny_policy
 
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()
-
-
-def _tiny(tok, seed: int = 0):
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = tiny_llama_config(len(tok), hidden=32, layers=2, eos_token_id=end, pad_token_id=tok.pad_token_id)
-    return build_tiny_model(cfg, seed=seed)
-
-
-def even_first(prompts, completions, completion_ids, **columns):
-    """1 when the first sampled token id is even: ~0.5 for a random model, learnable in a few steps."""
-    return [float(c[0] % 2 == 0) for c in completion_ids]
-
-
-PROMPT_ROWS = [{"prompt": f"q{i}:"} for i in range(16)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,7 +91,7 @@ def _random_batch(model, n: int, gen: torch.Generator) -> RolloutBatch:
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_constant"])
 def test_micro_batch_split_is_exact(tok, agg):
     """Summing micro-batch losses that share the step's normaliser gives the full-batch loss and gradient."""
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     batch = _random_batch(model, 7, torch.Generator().manual_seed(0))
     cfg = RLConfig(agg=agg, kl_coef=0.1, entropy_coef=0.01, max_new_tokens=8, temperature=0.9)
     rows = list(range(7))
@@ -130,7 +116,7 @@ def test_micro_batch_split_is_exact(tok, agg):
 
 
 def test_step_normalizer_units(tok):
-    batch = _random_batch(_tiny(tok), 5, torch.Generator().manual_seed(1))
+    batch = _random_batch(tiny_policy(tok), 5, torch.Generator().manual_seed(1))
     rows = [0, 1, 2]
     tokens = sum(len(batch.completion_ids[i]) for i in rows if batch.keep[i])
     assert round_normalizer(batch, rows, RLConfig(agg="token_mean")) == tokens  # masked (truncated) rows excluded
@@ -155,7 +141,7 @@ def _run(tok, train, cfg_cls, tmp_path, steps: int, **kw):
         progress=False,
     )
     cfg = build_config(cfg_cls, {**base, **kw})
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     out = train(cfg, model=model, tokenizer=tok, train_data=PROMPT_ROWS, reward_funcs=[even_first])
     return model, out, read_metrics(tmp_path)
 
@@ -212,16 +198,16 @@ def test_resume_is_exact(tok, tmp_path):
 
 def test_clear_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="no reward functions"):
-        train_grpo(GRPOConfig(output_dir=str(tmp_path)), model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS)
+        train_grpo(GRPOConfig(output_dir=str(tmp_path)), model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS)
     with pytest.raises(ValueError, match="temperature"):
-        train_grpo(GRPOConfig(temperature=0.0), model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS)
+        train_grpo(GRPOConfig(temperature=0.0), model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS)
 
 
 def test_cli_grpo_with_builtin_reward(tok, tmp_path):
     from alignkit.cli import main
 
     model_dir = tmp_path / "model"
-    _tiny(tok).save_pretrained(model_dir)
+    tiny_policy(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = tmp_path / "prompts.jsonl"
     data.write_text(

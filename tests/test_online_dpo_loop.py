@@ -25,25 +25,12 @@ from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout import Rollouts
 from alignkit.rollout.round import evaluate_rewards
+from tests.rl_support import PROMPT_ROWS, even_first, tiny_policy
 
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()
-
-
-def _tiny(tok, seed: int = 0):
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = tiny_llama_config(len(tok), hidden=32, layers=2, eos_token_id=end, pad_token_id=tok.pad_token_id)
-    return build_tiny_model(cfg, seed=seed)
-
-
-def even_first(prompts, completions, completion_ids, **columns):
-    """1 when the first sampled token id is even (ties are common: a coin flip per completion)."""
-    return [float(c[0] % 2 == 0) for c in completion_ids]
-
-
-PROMPT_ROWS = [{"prompt": f"q{i}:"} for i in range(16)]
 
 
 def _cfg(tmp_path, **kw) -> OnlineDPOConfig:
@@ -111,7 +98,7 @@ def test_missing_eos_penalty_is_subtracted_from_unfinished_completions():
 
 def test_all_ties_drop_every_pair_and_leave_the_weights_alone(tok, tmp_path):
     """A constant reward ties every prompt: no pair, counted, and no update at all (not even AdamW momentum)."""
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     before = _weights(model)
     gen = ScriptedGenerator(tok.convert_tokens_to_ids("<|im_end|>"))
     cfg = _cfg(tmp_path, max_new_tokens=2, max_steps=2)
@@ -127,7 +114,7 @@ def test_all_ties_drop_every_pair_and_leave_the_weights_alone(tok, tmp_path):
 def test_missing_eos_penalty_breaks_ties_toward_finished_completions(tok, tmp_path):
     """The same constant reward with missing_eos_penalty: the unfinished completions (cut at max_new_tokens) lose
     the penalty, so each prompt makes a pair whose chosen completion ends on the stop token; the policy learns."""
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     before = _weights(model)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     cfg = _cfg(tmp_path, max_new_tokens=2, max_steps=2, missing_eos_penalty=0.5)
@@ -157,7 +144,7 @@ def test_partial_ties_and_unscorable_prompts_are_counted(tok, tmp_path):
 
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     cfg = _cfg(tmp_path, max_new_tokens=2, max_steps=4, prompts_per_step=6, steps_per_generation=2)
-    train_online_dpo(cfg, model=_tiny(tok), tokenizer=tok, train_data=rows, generator=ScriptedGenerator(stop),
+    train_online_dpo(cfg, model=tiny_policy(tok), tokenizer=tok, train_data=rows, generator=ScriptedGenerator(stop),
                      reward_funcs=[by_kind])  # fmt: skip
     recs = read_metrics(tmp_path)
     for step, r in enumerate(recs):
@@ -196,7 +183,7 @@ def _random_round(n: int, gen: torch.Generator) -> PairRound:
 def test_micro_batch_split_is_exact(tok, loss_type):
     """The step's global pair count (and chosen token count) as normaliser: summed micro-batch losses give the
     full-batch loss and gradient, and a filler micro-batch (an empty one) adds nothing."""
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     rnd = _random_round(6, torch.Generator().manual_seed(0))
     cfg = OnlineDPOConfig(loss_type=loss_type, beta=0.5)
     n_tok = float(sum(len(c) for c in rnd.chosen_ids))
@@ -229,14 +216,15 @@ def test_reference_is_the_initial_policy_or_a_given_model(tok, tmp_path):
     for name, extra in runs.items():
         cfg = _cfg(tmp_path / name, **kw, **extra)
         gen = ScriptedGenerator(stop)
-        train_online_dpo(cfg, model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS, generator=gen,
+        train_online_dpo(cfg, model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS, generator=gen,
                          reward_funcs=[even_first])  # fmt: skip
         recs = read_metrics(tmp_path / name)
         assert recs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6), name
         assert recs[0]["rewards/rejected"] == pytest.approx(0.0, abs=1e-6), name
         assert abs(recs[1]["rewards/margins"]) > 1e-4, name
-    train_online_dpo(_cfg(tmp_path / "other", **kw), model=_tiny(tok), tokenizer=tok, ref_model=_tiny(tok, seed=1),
-                     train_data=PROMPT_ROWS, generator=ScriptedGenerator(stop), reward_funcs=[even_first])  # fmt: skip
+    train_online_dpo(_cfg(tmp_path / "other", **kw), model=tiny_policy(tok), tokenizer=tok,
+                     ref_model=tiny_policy(tok, seed=1), train_data=PROMPT_ROWS, generator=ScriptedGenerator(stop),
+                     reward_funcs=[even_first])  # fmt: skip
     assert abs(read_metrics(tmp_path / "other")[0]["rewards/chosen"]) > 1e-3
 
 
@@ -253,7 +241,7 @@ def test_resume_inside_a_round_is_exact(tok, tmp_path):
     """Interrupted after step 3 (its checkpoint is inside round 1: the round's pairs and reference log-probs are
     stored), resumed: the same final weights and metrics as the uninterrupted run, bit for bit."""
     kw = dict(max_steps=4, steps_per_generation=2, save_every=1, keep_last=4, lr=1e-2, beta=0.5)
-    ref_model = _tiny(tok)
+    ref_model = tiny_policy(tok)
     train_online_dpo(_cfg(tmp_path / "a", **kw), model=ref_model, tokenizer=tok, train_data=PROMPT_ROWS,
                      reward_funcs=[even_first])  # fmt: skip
     ref_recs = read_metrics(tmp_path / "a")
@@ -263,9 +251,9 @@ def test_resume_inside_a_round_is_exact(tok, tmp_path):
             raise StopAt
 
     with pytest.raises(StopAt):
-        train_online_dpo(_cfg(tmp_path / "b", **kw), model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS,
+        train_online_dpo(_cfg(tmp_path / "b", **kw), model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS,
                          reward_funcs=[even_first], callbacks=[stop])  # fmt: skip
-    model = _tiny(tok)
+    model = tiny_policy(tok)
     train_online_dpo(_cfg(tmp_path / "b", resume=True, **kw), model=model, tokenizer=tok, train_data=PROMPT_ROWS,
                      reward_funcs=[even_first])  # fmt: skip
     for p, q in zip(ref_model.parameters(), model.parameters()):
@@ -309,7 +297,7 @@ def test_reward_model_ranks_the_completions(tok, tmp_path):
     build_reward_model(config, seed=3, pad_token_id=tok.pad_token_id).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     cfg = _cfg(tmp_path / "run", reward_model=str(tmp_path / "rm"), max_steps=2)
-    train_online_dpo(cfg, model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS)
+    train_online_dpo(cfg, model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS)
     recs = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["rewards/reward_model/mean"]) and r["rewards/reward_model/std"] > 0 for r in recs)
     assert all(r["pairs/kept"] == 4 and r["pairs/score_gap"] > 0 for r in recs)  # real-valued scores: no ties
@@ -317,7 +305,7 @@ def test_reward_model_ranks_the_completions(tok, tmp_path):
 
 def test_no_reward_is_refused(tok, tmp_path):
     with pytest.raises(ValueError, match="no reward functions"):
-        train_online_dpo(_cfg(tmp_path), model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS)
+        train_online_dpo(_cfg(tmp_path), model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS)
 
 
 def test_cli_help_lists_every_key(capsys):
@@ -340,7 +328,7 @@ def test_cli_runs_from_files(tok, tmp_path, capsys):
     from alignkit.cli import main
 
     model_dir = tmp_path / "model"
-    _tiny(tok).save_pretrained(model_dir)
+    tiny_policy(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1"}], "answer": str(i + 1)})

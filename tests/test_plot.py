@@ -12,6 +12,7 @@ from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.plot import build_figure, choose_panels, loop_of
 from tests.conftest import loop_config, preference_rows
+from tests.rl_support import even_first
 
 TOK = byte_tokenizer()
 
@@ -20,10 +21,6 @@ def _model():
     end = TOK.convert_tokens_to_ids("<|im_end|>")
     cfg = tiny_llama_config(len(TOK), hidden=16, layers=1, heads=2, kv_heads=2, eos_token_id=end)
     return build_tiny_model(cfg, seed=0)
-
-
-def even_first(prompts, completions, completion_ids, **columns):
-    return [float(c[0] % 2 == 0) for c in completion_ids]
 
 
 def short(prompts, completions, completion_ids, **columns):

@@ -16,7 +16,7 @@ from alignkit.errors import RewardFailedError
 from alignkit.loops.grpo import GRPOConfig, train_grpo
 from alignkit.metrics import read_metrics
 from alignkit.reward_funcs import RewardSet, RewardState
-from tests.test_grpo_loop import PROMPT_ROWS, _tiny
+from tests.rl_support import PROMPT_ROWS, tiny_policy
 
 CHAT = [{"role": "user", "content": "2+2?"}]
 
@@ -151,7 +151,7 @@ def test_wrong_signature_is_refused_by_train_grpo_before_generating(tmp_path):
 
     cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=2, progress=False)
     with pytest.raises(TypeError, match="reward 'wrong'"):
-        train_grpo(cfg, model=_tiny(tok), tokenizer=tok, train_data=PROMPT_ROWS, reward_funcs=[wrong])
+        train_grpo(cfg, model=tiny_policy(tok), tokenizer=tok, train_data=PROMPT_ROWS, reward_funcs=[wrong])
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first round
 
 
@@ -263,7 +263,7 @@ def _grpo(tmp_path, reward, rows=PROMPT_ROWS, **kw):
                 micro_batch_size=8, progress=False)  # fmt: skip
     tok = byte_tokenizer()
     cfg = build_config(GRPOConfig, {**base, **kw})
-    return train_grpo(cfg, model=_tiny(tok), tokenizer=tok, train_data=rows, reward_funcs=[reward])
+    return train_grpo(cfg, model=tiny_policy(tok), tokenizer=tok, train_data=rows, reward_funcs=[reward])
 
 
 def test_grpo_stops_on_a_reward_that_always_fails(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ from alignkit.data.preference import collate_pairs, pair_sequences, tokenize_pai
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
 from alignkit.loops.config import OfflineConfig, ReferenceBlock, require
-from alignkit.losses.preference import CPO_LOSSES, LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.losses.preference import CPO_LOSSES, F_DIVERGENCES, LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import eval_mode, is_peft, pad_token_id
 from alignkit.ops import split_pairs
@@ -42,12 +42,10 @@ from alignkit.scoring import SequenceScorer, batch_sequence_logps
 
 
 @dataclass
-class DPOConfig(OfflineConfig, ReferenceBlock):
-    output_dir: str = "runs/dpo"
-    truncation: Literal["right", "left"] = "right"  # which end of the prompt a pair over max_length loses
-    packing: bool = False  # pack the 2P sequences of a micro-batch into rows of <= max_length tokens
-    loss: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"  # dpo (with a reference), or reference-free simpo / cpo / orpo
-    # DPO variant(s) (losses.DPO_LOSSES, + "sft"); several: a weighted mixture
+class DPOLossBlock:
+    """The keys of ``losses.preference.dpo_loss`` (the offline and the online DPO loops share them)."""
+
+    # DPO variant(s) (losses.DPO_LOSSES, + "sft"); several: a weighted mixture (offline cpo: the CPO form)
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None  # weights of the loss_type mixture (None: all 1)
     beta: float = 0.1  # inverse temperature of the implicit reward
@@ -56,6 +54,29 @@ class DPOConfig(OfflineConfig, ReferenceBlock):
     f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence
     discopop_tau: float = 0.05  # temperature of the DiscoPOP loss
     ipo_length_normalize: bool = True  # IPO: log-ratios divided by the completion length (as TRL)
+
+    def check(self) -> None:
+        types = list(self.loss_type)
+        require(self, bool(types), "loss_type", "at least one loss type")
+        w = self.loss_weights
+        require(self, w is None or len(w) == len(types), "loss_weights", f"one weight per loss_type ({len(types)})")
+        require(self, self.beta > 0, "beta", "a number > 0")
+        require(self, 0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)")
+        require(self, self.f_divergence in F_DIVERGENCES, "f_divergence", f"one of {list(F_DIVERGENCES)}")
+
+
+def dpo_options(cfg: DPOLossBlock) -> dict[str, Any]:
+    """The ``dpo_loss`` keywords a config sets."""
+    keys = [f.name for f in fields(DPOLossBlock)]
+    return {k: getattr(cfg, k) for k in keys}
+
+
+@dataclass
+class DPOConfig(OfflineConfig, ReferenceBlock, DPOLossBlock):
+    output_dir: str = "runs/dpo"
+    truncation: Literal["right", "left"] = "right"  # which end of the prompt a pair over max_length loses
+    packing: bool = False  # pack the 2P sequences of a micro-batch into rows of <= max_length tokens
+    loss: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"  # dpo (with a reference), or reference-free simpo / cpo / orpo
     ld_alpha: float | None = None  # LD-DPO: weight of tokens past the shorter completion's length
     wpo: bool = False  # WPO: weight each pair by w(y_c)·w(y_r)
     simpo_margin: float = 0.5  # γ (logit units) for simpo and cpo's simpo form
@@ -64,29 +85,17 @@ class DPOConfig(OfflineConfig, ReferenceBlock):
 
     def check(self) -> None:
         types = list(self.loss_type)
-        require(self, bool(types), "loss_type", "at least one loss type")
         if self.loss == "cpo":
             require(self, types[0] in CPO_LOSSES, "loss_type", f"a CPO form, one of {list(CPO_LOSSES)}")
         elif self.loss == "dpo":
             unknown = [t for t in types if t not in LOSS_TYPES]
             require(self, not unknown, "loss_type", f"types of {list(LOSS_TYPES)} (unknown DPO loss_type {unknown})")
-        w = self.loss_weights
-        require(self, w is None or len(w) == len(types), "loss_weights", f"one weight per loss_type ({len(types)})")
-        require(self, self.beta > 0, "beta", "a number > 0")
-        require(self, 0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)")
         require(self, self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "ld_alpha", "a weight in [0, 1] (or none)")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Losses on per-sequence log-probs: family name -> (cfg, policy results, reference [2P], pairs, chosen tokens)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def dpo_options(cfg: Any) -> dict[str, Any]:  # noqa: ANN401 - a DPOConfig or an OnlineDPOConfig
-    """The ``dpo_loss`` keywords a config sets (the offline and the online DPO loops share them)."""
-    keys = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence", "f_alpha", "discopop_tau",
-            "ipo_length_normalize")  # fmt: skip
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def _dpo(cfg: DPOConfig, pol: dict, ref: torch.Tensor, n_pairs: float, n_chosen_tok: float):  # noqa: ANN202

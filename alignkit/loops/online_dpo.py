@@ -42,8 +42,8 @@ from alignkit.data.loading import load_rows
 from alignkit.data.prompts import Prompt, load_prompts, round_prompts
 from alignkit.loops import common
 from alignkit.loops.config import DatasetBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
-from alignkit.loops.dpo import dpo_options
-from alignkit.losses.preference import F_DIVERGENCES, LOSS_TYPES, dpo_loss
+from alignkit.loops.dpo import DPOLossBlock, dpo_options
+from alignkit.losses.preference import LOSS_TYPES, dpo_loss
 from alignkit.metrics import StepMetrics
 from alignkit.models import load_model_and_tokenizer, pad_token_id
 from alignkit.reference import Reference, ReferenceInputs, build_reference, default_rl_reference_kind
@@ -58,7 +58,7 @@ RewardFn = Callable[..., list]
 
 
 @dataclass
-class OnlineDPOConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
+class OnlineDPOConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock, DPOLossBlock):
     output_dir: str = "runs/online_dpo"  # run folder: metrics.jsonl, run.json, checkpoint-N/
     ref_model: str | None = None  # None: frozen copy of the initial policy (LoRA: the adapter switched off)
     dataset: str = ""  # rows with `prompt` (str or messages) or `messages`, plus columns for the rewards
@@ -84,15 +84,6 @@ class OnlineDPOConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock)
     top_k: int = -1  # sample among the k most likely tokens (-1: all)
     stop_tokens: list[str] = field(default_factory=list)  # extra stop tokens besides the eos ids
     generation_batch_size: int | None = None  # sequences per generate call (hf backend)
-    # DPO loss (losses.preference.dpo_loss)
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # DPO_LOSSES types (+ "sft"); several: mixed
-    loss_weights: list[float] | None = None  # weights of the loss_type mixture (None: all 1)
-    beta: float = 0.1  # inverse temperature of the implicit reward
-    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO / robust DPO)
-    f_divergence: str = "reverse_kl"  # f-DPO divergence: reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence
-    discopop_tau: float = 0.05  # temperature of the DiscoPOP loss
-    ipo_length_normalize: bool = True  # IPO: log-ratios divided by the completion length (as TRL)
     # optimisation
     max_steps: int = 100  # optimizer steps of the run
     micro_batch_size: int = 8  # pairs per forward/backward (two completions each)
@@ -114,15 +105,8 @@ class OnlineDPOConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock)
         penalty = self.missing_eos_penalty
         require(self, penalty is None or (math.isfinite(penalty) and penalty >= 0), "missing_eos_penalty",
                 "a number >= 0 (or none)")  # fmt: skip
-        types = list(self.loss_type)
-        unknown = [t for t in types if t not in LOSS_TYPES]
-        require(self, bool(types) and not unknown, "loss_type",
-                f"one or more of {list(LOSS_TYPES)} (unknown: {unknown})")  # fmt: skip
-        w = self.loss_weights
-        require(self, w is None or len(w) == len(types), "loss_weights", f"one weight per loss_type ({len(types)})")
-        require(self, self.beta > 0, "beta", "a number > 0")
-        require(self, 0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)")
-        require(self, self.f_divergence in F_DIVERGENCES, "f_divergence", f"one of {list(F_DIVERGENCES)}")
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        require(self, not unknown, "loss_type", f"one or more of {list(LOSS_TYPES)} (unknown: {unknown})")
         world = distributed.env_world_size()  # each rank generates and trains on its share of every step's prompts
         require(self, self.prompts_per_step % world == 0, "prompts_per_step",
                 f"a multiple of the WORLD_SIZE={world} ranks (each rank takes whole prompts)")  # fmt: skip
