@@ -307,7 +307,9 @@ def head_of(model: torch.nn.Module, device: torch.device | None = None) -> Head:
 
 class LocalTeacher:
     """A frozen teacher model in this process (eval mode, no gradients), on ``device``; its hidden states come
-    back on the student's device, its head is kept there (a copy when the devices differ)."""
+    back on the student's device, its head is kept there (a copy when the devices differ). Under FSDP2 a teacher on
+    the student's device is sharded like the student (``distributed.parallelize``): its head is then read after
+    each forward, while the root's parameters are gathered."""
 
     kind = "local"
 
@@ -319,11 +321,18 @@ class LocalTeacher:
         self.model = model
         self.device = next(model.parameters()).device
         self.student_device = student_device
-        self.head = head_of(model, student_device if self.device != student_device else None)
+        self.vocab = int(model.get_output_embeddings().weight.shape[0])  # a sharded weight reports its full shape
+        same = self.device == student_device
+        self._head_copy = None if same else head_of(model, student_device)
+        if same and distributed.parallel_kind(cfg) == "fsdp2":
+            distributed.parallelize(model, cfg)
+            if distributed.is_main():
+                print(f"[alignkit distill] teacher sharded with FSDP2 over {distributed.world_size()} rank(s)")
 
     @property
-    def vocab(self) -> int:
-        return int(self.head.weight.shape[0])
+    def head(self) -> Head:
+        """The LM head the loss uses (after :meth:`hidden`: on FSDP2 the gathered root parameters)."""
+        return self._head_copy if self._head_copy is not None else head_of(self.model)
 
     @torch.no_grad()
     def hidden(self, batch: Batch) -> Tensor:
