@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 
 from alignkit.data.byte_tokenizer import byte_tokenizer
 from alignkit.demo import exact_match, make_rows
-from alignkit.loops.distill import DistillConfig, check_same_tokenizer, step_source, train_distill
+from alignkit.loops.distill import DistillConfig, check_same_tokenizer, distill_items, step_source, train_distill
 from alignkit.loops.sft import SFTConfig, train_sft
+from alignkit.losses.distill import generalized_jsd_loss
 from alignkit.metrics import read_metrics
 from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout import HFGenerator
@@ -319,6 +320,34 @@ def test_server_teacher_top_k(tmp_path, fake_server):
     assert all(r["teacher_generated"] == 1.0 and 0 < r["distill/teacher_topk_mass"] < 1 for r in out)
     assert any("n" in r and r.get("seed") is not None for r in server.requests)  # seeded generation requests
     assert out[-1]["loss"] < out[0]["loss"]
+
+
+def test_held_out_evaluation_is_the_divergence_on_eval_completions(tmp_path):
+    """``eval_loss`` every ``eval_every`` steps and at the end: the training divergence (beta, temperature) per token
+    of the held-out rows' completions, equal to the full-logits loss of the trained student against the teacher."""
+    teacher, student = tiny(hidden=48, seed=9), tiny()
+    held = chat_rows(6, seed=5)
+    cfg = config(tmp_path, "eval", lmbda=0.0, beta=0.5, temperature=0.8, max_steps=5, eval_every=2)
+    out = records(cfg, model=student, teacher=teacher, teacher_tokenizer=TOK, train_data=chat_rows(16),
+                  eval_data=held)  # fmt: skip
+    assert [r["step"] for r in out if "eval_loss" in r] == [2, 4, 5]
+    assert out[-1]["eval_loss"] < out[1]["eval_loss"]  # the student moved toward the teacher
+    items = distill_items(held, TOK, cfg)
+    with torch.no_grad():
+        s_logits, t_logits = [], []
+        for it in items:
+            seq = torch.tensor([it.prompt_ids + it.completion_ids])
+            at = slice(len(it.prompt_ids) - 1, len(seq[0]) - 1)  # the positions that predict the completion
+            s_logits.append(student(seq).logits[0, at])
+            t_logits.append(teacher(seq).logits[0, at])
+        s_all, t_all = torch.cat(s_logits)[None], torch.cat(t_logits)[None]
+        n = s_all.shape[1]
+        want, _ = generalized_jsd_loss(s_all, t_all, torch.ones(1, n, dtype=torch.bool), beta=0.5, temperature=0.8,
+                                       normalizer=n)  # fmt: skip
+    assert out[-1]["eval_loss"] == pytest.approx(float(want), rel=1e-4)
+    with pytest.raises(ValueError, match="evaluation rows have no completion"):
+        records(config(tmp_path, "bare", eval_every=1), model=tiny(), teacher=teacher, teacher_tokenizer=TOK,
+                train_data=chat_rows(8), eval_data=[{"prompt": "1+1="}])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ KL). Per optimizer step ``s``:
    logits; with a vLLM ``teacher_server`` the teacher's top-k prompt log-probs instead (``/v1/completions`` with
    ``prompt_logprobs``) and ``sparse_divergence_loss`` (+ the tail bucket);
 5. the optimizer step, metrics (``loss``, ``distill/*``, ``on_policy``, ``gen_time_s``, ``teacher_time_s``,
-   ``tokens_per_s``) and checkpoints (``loops.common``); resume restores weights, optimizer, schedule and RNG,
-   and every step's data is a function of the seed and the step.
+   ``tokens_per_s``; ``eval_loss`` every ``eval_every`` steps: the same divergence on held-out rows' completions)
+   and checkpoints (``loops.common``); resume restores weights, optimizer, schedule and RNG, and every step's data
+   is a function of the seed and the step.
 
 Student and teacher must share one tokenizer (vocabulary and special tokens are compared; a difference is refused,
 cross-tokenizer distillation is not supported). Heads padded to different widths over that tokenizer are compared
@@ -53,10 +54,10 @@ from alignkit.data.prompts import load_prompts, round_prompts
 from alignkit.data.tokenize import tokenize_rows
 from alignkit.logprobs import IGNORE_INDEX
 from alignkit.loops import common
-from alignkit.loops.config import DatasetBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
+from alignkit.loops.config import DatasetBlock, EvalBlock, LoRABlock, ModelBlock, OptimBlock, RunBlock, require
 from alignkit.losses.distill import chunked_generalized_jsd_loss, sparse_divergence_loss
 from alignkit.metrics import StepMetrics
-from alignkit.models import load_model_and_tokenizer, pad_token_id
+from alignkit.models import eval_mode, load_model_and_tokenizer, pad_token_id
 from alignkit.rollout import Generator, HFGenerator, make_generator, stop_token_ids
 from alignkit.scoring import backbone, head_transform
 
@@ -80,7 +81,7 @@ STEP_WEIGHTS = {"loss": None, "n_tokens": None}
 
 
 @dataclass
-class DistillConfig(ModelBlock, DatasetBlock, OptimBlock, LoRABlock, RunBlock):
+class DistillConfig(ModelBlock, DatasetBlock, EvalBlock, OptimBlock, LoRABlock, RunBlock):
     output_dir: str = "runs/distill"  # run folder: metrics.jsonl, run.json, checkpoint-N/
     # the teacher: a local model (a folder / hub id, or an object passed to train_distill), or a vLLM server
     teacher_model: str | None = None  # HF id or folder of the teacher (same tokenizer as the student)
@@ -464,6 +465,26 @@ def micro_loss(
     return loss, metrics, t_time
 
 
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, teacher: LocalTeacher | ServerTeacher, items: Sequence[DistillItem], cfg: DistillConfig,
+    pad_id: int, vocab_size: int | None,
+) -> float:  # fmt: skip
+    """The training divergence (its ``beta``, temperature and teacher) per completion token of held-out rows'
+    dataset completions: the sum over their tokens divided by their number."""
+    total, n = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(items), cfg.micro_batch_size):
+            chunk = items[i : i + cfg.micro_batch_size]
+            completions = [it.completion_ids for it in chunk]
+            with common.precision(cfg, model):
+                loss, _, _ = micro_loss(model, teacher, [it.prompt_ids for it in chunk], completions, cfg, 1.0,
+                                        pad_id, vocab_size)  # fmt: skip
+            total += float(loss)
+            n += sum(len(c) for c in completions)
+    return total / max(n, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,6 +521,7 @@ def train_distill(
     teacher: torch.nn.Module | None = None,
     teacher_tokenizer: Any = None,
     train_data: Any = None,
+    eval_data: Any = None,
     generator: Generator | None = None,
     teacher_generator: Generator | None = None,
     callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
@@ -507,7 +529,8 @@ def train_distill(
     """Distil ``teacher`` (or ``cfg.teacher_model`` / ``cfg.teacher_server``) into the student (``model`` or
     ``cfg.model``). See the module docstring for the order of operations. ``generator``: the student's sampler (else
     ``cfg.backend``); ``teacher_generator``: the teacher's for ``seq_kd`` (else an HF generator over the local
-    teacher, or the teacher server). Returns a summary."""
+    teacher, or the teacher server). ``eval_data`` (or ``cfg.eval_dataset``): held-out rows with completions, scored
+    every ``eval_every`` steps and at the end (``eval_loss``, :func:`evaluate`). Returns a summary."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     common.prepare_run_dir(cfg)  # before anything is loaded: a bad output_dir fails fast
@@ -534,6 +557,15 @@ def train_distill(
             f"{len(missing)} rows have no completion (first: {missing[:5]}): with lmbda < 1 and "
             "seq_kd=false some steps train on the dataset's completions; add them or set lmbda=1"
         )
+
+    evals: list[DistillItem] = []
+    if eval_data is not None or cfg.eval_dataset:
+        evals = distill_items(list(load_rows(eval_data or cfg.eval_dataset, cfg.eval_split)), tokenizer, cfg)
+        evals = evals[: cfg.eval_rows]
+        bare = [i for i, it in enumerate(evals) if it.completion_ids is None]
+        if bare:
+            raise ValueError(f"{len(bare)} evaluation rows have no completion (first: {bare[:5]}): the evaluation "
+                             "scores the dataset's completions")  # fmt: skip
 
     stops = stop_token_ids(model, tokenizer, cfg.stop_tokens)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
@@ -615,6 +647,8 @@ def train_distill(
             }
             record = common.step_record(done, acc.result(over_ranks=True), lr, grad_norm, t0, **counts)
             record["completion_tokens_per_s"] = n_global / max(record["step_time_s"], 1e-9)
+            if evals and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                record["eval_loss"] = evaluate(model, teach, evals, cfg, pad_id, vocab_size)
             if cfg.progress:
                 steps.set_postfix(loss=f"{record['loss']:.4f}", src=source[0])
             common.end_step(run, record, model=model, tokenizer=tokenizer, callbacks=callbacks)
