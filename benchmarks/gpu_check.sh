@@ -4,13 +4,12 @@
 #   1. the `gpu` tests (device placement of every loop, flex-attention packing forward + backward, chunked
 #      log-probs vs naive on CUDA, bf16 learning);
 #      and FSDP2 at world size 1 on CUDA (an NCCL group of one, sharded checkpoint save and resume, HF export);
-#   2. benchmarks/gpu_throughput.py: alignkit's SFT, DPO and GRPO on a random-init model with Qwen2.5-0.5B's
-#      shapes in bf16-mixed: tokens/s, peak memory, MFU.
+#   2. benchmarks/gpu_throughput.py: SFT, DPO and GRPO (HF generation) on a random-init model with Qwen2.5-0.5B's
+#      shapes in bf16, alignkit vs TRL 1.16 on the same work: throughput, peak memory, MFU and the ratios.
 #
-# The GPU machine has torch, transformers, peft and accelerate but no datasets and no network. Prepare once on
-# the CPU machine, from the repo root:   bash benchmarks/gpu_check.sh --prepare   (wheels into .whl/)
-# then run it there with .whl carried:   bash benchmarks/gpu_check.sh
-# Not covered yet (the GPU issue stays open for them): TRL 1.16 on the same work (ratios), torch.compile timing.
+# The GPU machine has torch, transformers, peft and accelerate but no datasets, no trl and no network. Prepare once
+# on the CPU machine, from the repo root:   bash benchmarks/gpu_check.sh --prepare   (wheels into .whl/)
+# then run it there with .whl carried:      bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
@@ -19,7 +18,8 @@ if [ "${1:-}" = "--prepare" ]; then
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
   # datasets and what it needs beyond torch/transformers (pyarrow is the big one, ~40 MB)
   python3 -m pip download --no-deps "${plat[@]}" -d .whl datasets==4.4.1 pyarrow dill==0.4.0 xxhash \
-    multiprocess==0.70.18 "fsspec[http]<=2025.10.0" pytest hypothesis iniconfig pluggy sortedcontainers
+    multiprocess==0.70.18 "fsspec[http]<=2025.10.0" pytest hypothesis iniconfig pluggy sortedcontainers \
+    trl==1.16.0
   du -sh .whl
   exit 0
 fi
@@ -35,4 +35,6 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 echo "== gpu tests =="
 timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hardware.py tests/test_distributed.py
 echo "== throughput =="
-timeout 240 python3 benchmarks/gpu_throughput.py --steps 12
+timeout 300 python3 benchmarks/gpu_throughput.py --steps 8 --timeout 90
+echo "== compile=true (SFT) =="
+timeout 120 python3 benchmarks/gpu_throughput.py --steps 8 --timeout 110 --loops sft --impls alignkit-compile

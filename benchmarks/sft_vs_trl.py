@@ -89,6 +89,7 @@ from pathlib import Path
 
 from _common import (
     ALIGNKIT_CPU_ARGS,
+    CHATML_GEN,
     TRL_CPU_ARGS,
     PeakRSS,
     bench_model,
@@ -112,13 +113,6 @@ DATA = ROOT.parent / "shared" / "data"
 N_CONV = 8  # conversations per optimizer step
 MAX_LENGTH = 2048
 LR = 2e-5
-CHATML_GEN = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
