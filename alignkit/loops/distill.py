@@ -322,9 +322,10 @@ class LocalTeacher:
         self.model = model
         self.device = next(model.parameters()).device
         self.student_device = student_device
-        self.vocab = int(model.get_output_embeddings().weight.shape[0])  # a sharded weight reports its full shape
         same = self.device == student_device
-        self._head_copy = None if same else head_of(model, student_device)
+        head = head_of(model, None if same else student_device)  # refuses a softcapped head here, before training
+        self.vocab = int(head.weight.shape[0])
+        self._head_copy = None if same else head
         if same and distributed.parallel_kind(cfg) == "fsdp2":
             distributed.parallelize(model, cfg)
             if distributed.is_main():
@@ -560,8 +561,8 @@ def train_distill(
 
     evals: list[DistillItem] = []
     if eval_data is not None or cfg.eval_dataset:
-        evals = distill_items(list(load_rows(eval_data or cfg.eval_dataset, cfg.eval_split)), tokenizer, cfg)
-        evals = evals[: cfg.eval_rows]
+        held_out = list(load_rows(eval_data or cfg.eval_dataset, cfg.eval_split))[: cfg.eval_rows]
+        evals = distill_items(held_out, tokenizer, cfg)
         bare = [i for i, it in enumerate(evals) if it.completion_ids is None]
         if bare:
             raise ValueError(f"{len(bare)} evaluation rows have no completion (first: {bare[:5]}): the evaluation "
