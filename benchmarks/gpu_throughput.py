@@ -52,6 +52,8 @@ from _common import CHATML_GEN
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 1e-5
+PAIRS, PROMPTS, GROUP = 8, 8, 8  # DPO pairs per step; GRPO prompts per step and completions per prompt
+UNITS_PER_STEP = {"dpo": float(PAIRS), "grpo": float(PROMPTS * GROUP)}  # SFT counts its trained tokens instead
 
 
 def model_config(shape: str):  # noqa: ANN201
@@ -115,12 +117,11 @@ def child_alignkit(loop: str, steps: int, shape: str, device: str, out: str, com
     model = AutoModelForCausalLM.from_config(model_config(shape), attn_implementation="sdpa")
     work = workload(shape)
     marks, per_step, mfu = [], [], []
-    units = {"sft": "num_trained_tokens", "dpo": None, "grpo": None}[loop]
 
     def cb(step: int, record: dict) -> None:
         sync(device)
         marks.append(time.perf_counter())
-        per_step.append(record[units] if units else 8.0 if loop == "dpo" else 64.0)
+        per_step.append(float(record["num_trained_tokens"]) if loop == "sft" else UNITS_PER_STEP[loop])
         if record.get("mfu") is not None:
             mfu.append(record["mfu"])
 
@@ -135,14 +136,14 @@ def child_alignkit(loop: str, steps: int, shape: str, device: str, out: str, com
     elif loop == "dpo":
         from alignkit.loops.dpo import DPOConfig, train_dpo
 
-        cfg = DPOConfig(**common, batch_size=8, beta=0.1, epochs=100,
+        cfg = DPOConfig(**common, batch_size=PAIRS, beta=0.1, epochs=100,
                         reference_cache_dir=str(Path(out) / "cache"))  # fmt: skip
         train_dpo(cfg, model=model, tokenizer=tok, train_data=work["dpo"], callbacks=[cb])
     else:
         from alignkit.loops.grpo import GRPOConfig, train_grpo
 
-        cfg = GRPOConfig(**common, group_size=8, prompts_per_step=8, max_new_tokens=work["max_new"], temperature=1.0,
-                         micro_batch_size=64, kl_coef=0.0)  # fmt: skip
+        cfg = GRPOConfig(**common, group_size=GROUP, prompts_per_step=PROMPTS, max_new_tokens=work["max_new"],
+                         temperature=1.0, micro_batch_size=PROMPTS * GROUP, kl_coef=0.0)  # fmt: skip
         train_grpo(cfg, model=model, tokenizer=tok, train_data=work["grpo"], reward_funcs=["math_answer"],
                    callbacks=[cb])  # fmt: skip
     return summary(loop, "alignkit-compile" if compile else "alignkit", marks, per_step, device, mfu)
@@ -189,22 +190,22 @@ def child_trl(loop: str, steps: int, shape: str, device: str, out: str) -> dict:
     elif loop == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, per_device_train_batch_size=8, beta=0.1, loss_type=["sigmoid"],
+        args = DPOConfig(**common, per_device_train_batch_size=PAIRS, beta=0.1, loss_type=["sigmoid"],
                          precompute_ref_log_probs=True, max_length=4096)  # fmt: skip
         trainer = DPOTrainer(model=model, args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_list(work["dpo"]))  # fmt: skip
-        per_step.extend([8.0] * (steps + 2))
     else:
         from trl import GRPOConfig, GRPOTrainer
 
         def math_answer(prompts, completions, completion_ids, answer, **kw):  # noqa: ANN001, ANN201, ANN003
             return math_answer_reward(prompts, completions, completion_ids, answer=answer)
 
-        args = GRPOConfig(**common, per_device_train_batch_size=64, num_generations=8,
+        args = GRPOConfig(**common, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                           max_completion_length=work["max_new"], temperature=1.0, beta=0.0, use_vllm=False)  # fmt: skip
         trainer = GRPOTrainer(model=model, args=args, processing_class=tok, reward_funcs=[math_answer],
                               train_dataset=datasets.Dataset.from_list(work["grpo"]))  # fmt: skip
-        per_step.extend([64.0] * (steps + 2))
+    if loop != "sft":
+        per_step.extend([UNITS_PER_STEP[loop]] * (steps + 2))
     trainer.add_callback(Timer())
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()

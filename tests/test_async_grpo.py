@@ -19,18 +19,15 @@ from alignkit.config import ConfigError, build_config
 from alignkit.data.byte_tokenizer import byte_tokenizer
 from alignkit.loops.grpo import GRPOConfig, train_grpo
 from alignkit.metrics import read_metrics
-from alignkit.models import build_tiny_model, tiny_llama_config
 from alignkit.rollout.async_rollout import RolloutWorkerError
-from tests.rl_support import even_first
+from tests.rl_support import PROMPT_ROWS, even_first, tiny_policy
 
 TOK = byte_tokenizer()
-ROWS = [{"prompt": f"q{i}:"} for i in range(16)]
+ROWS = PROMPT_ROWS
 
 
 def _model():
-    end = TOK.convert_tokens_to_ids("<|im_end|>")
-    cfg = tiny_llama_config(len(TOK), hidden=32, layers=2, eos_token_id=end, pad_token_id=TOK.pad_token_id)
-    return build_tiny_model(cfg, seed=0)
+    return tiny_policy(TOK)
 
 
 def _cfg(out: Path, steps: int, **kw) -> GRPOConfig:
